@@ -1,0 +1,1 @@
+"""Shared Flax linen building blocks used by every family."""

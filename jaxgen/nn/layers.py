@@ -1,0 +1,114 @@
+"""Thin linen wrappers that attach logical axis names to every parameter.
+
+Every parameter in jaxgen carries logical axis names (see `jaxgen.parallel.sharding` for the
+rules that map them onto mesh axes). Logical names used across the library:
+
+  'embed'   model width              'mlp'     MLP hidden width
+  'heads'   fused attention outputs  'vocab'   codebook / output classes
+  'classes' class-embedding rows     'latent'  small tokenizer channel dims (never sharded)
+  'conv_in' / 'conv_out' conv channels;  'norm' norm scale/bias;  None: never sharded
+
+Activations use 'batch', 'length', 'embed' through `constrain`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = Sequence[Optional[str]]
+
+# torch.nn.Linear / timm default-compatible initialisers live with each model; these are safe defaults.
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def with_axes(init: Callable, axes: Axes) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """Logical sharding constraint on an activation (no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class Dense(nn.Module):
+    """Linear layer: params `kernel` (in, out) and `bias` (out,) with logical axes.
+
+    Computes in `dtype`, accumulates in float32 (fast bf16 on CPU and exact f32 when dtype is f32).
+    """
+
+    features: int
+    axes: Axes = ("embed", "mlp")
+    use_bias: bool = True
+    kernel_init: Callable = xavier_uniform
+    bias_init: Callable = zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", with_axes(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", with_axes(self.bias_init, (self.axes[-1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in float32 with torch semantics (biased variance, eps inside the sqrt).
+
+    Params `scale` and `bias` (torch `weight` and `bias`).
+    """
+
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        features = x.shape[-1]
+        if self.use_scale:
+            y = y * self.param("scale", with_axes(ones, ("norm",)), (features,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", with_axes(zeros, ("norm",)), (features,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Embedding table (num, features) with logical axes."""
+
+    num_embeddings: int
+    features: int
+    axes: Axes = ("classes", "embed")
+    embedding_init: Callable = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", with_axes(self.embedding_init, self.axes),
+                           (self.num_embeddings, self.features), self.param_dtype)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+def gelu_exact(x):
+    return nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    return nn.gelu(x, approximate=True)
