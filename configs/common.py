@@ -1,0 +1,89 @@
+"""Fields every jaxgen config has; family config files start from `base_config()` and fill `model`, `data`, ...
+
+Config files are Python: `get_config(arg)` takes the text after `file.py:` (e.g. `configs/mar_tiny.py:runlocal`).
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.family = ""
+    c.seed = 0
+    c.batch_size = 64  # global, across all processes
+    c.total_steps = 1000
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.sample_every = 0  # 0: never during training
+    c.eval_every = 0
+
+    # Numerics: params in param_dtype, matmuls/activations in compute_dtype; norms, softmax and losses in float32.
+    c.compute_dtype = "float32"
+    c.param_dtype = "float32"
+    c.remat = False  # rematerialise each transformer block (jax.checkpoint)
+    c.scan_layers = False
+    c.attention_impl = "auto"  # auto | xla | cudnn
+
+    c.model = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-4  # peak learning rate (absolute); if blr > 0, lr = blr * batch_size / 256
+    c.optim.blr = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "constant"  # constant | cosine | linear | lin0
+    c.optim.warmup_steps = 0
+    c.optim.warmup_init = 0.0  # fraction of peak lr at step 0
+    c.optim.end_factor = 0.0  # final lr / peak for cosine / linear / lin0
+    c.optim.grad_clip = 0.0  # global-norm clip; 0 = off
+    c.optim.ema_decay = 0.0  # 0 = no EMA params
+    c.optim.grad_accum = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "digits"  # digits | tfds | imagefolder | cached
+    c.data.name = ""  # tfds dataset name
+    c.data.split = "train"
+    c.data.data_dir = ""  # tfds data_dir / image-folder root / latent cache dir
+    c.data.image_size = 32
+    c.data.channels = 1
+    c.data.num_classes = 10
+    c.data.random_flip = False
+    c.data.num_workers = 0  # grain multiprocessing workers (0 = in-process)
+    c.data.prefetch = 2
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # -1: all remaining devices
+    c.mesh.axes = ("data", "fsdp", "tensor")
+    # logical axis -> mesh axes (None = replicated). Dims not divisible by the mesh size stay replicated.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("classes", None),
+        ("conv_in", None),
+        ("conv_out", "fsdp"),
+        ("latent", None),
+        ("norm", None),
+        ("length", None),
+        ("kv", None),
+    )
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3
+    c.checkpoint.keep_every = 0  # also keep every K-th step forever (0 = off)
+    c.checkpoint.async_save = True
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_per_class = 100
+    c.sample.batch_size = 100
+    c.sample.use_ema = True
+    c.sample.grid_rows = 10
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.workdir = ""  # a tokenizer run's workdir; "" = train one under <workdir>/tokenizer
+    c.tokenizer.checkpoint = ""  # or a converted / explicit checkpoint path
+    return c
