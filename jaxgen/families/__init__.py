@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Type
 
+from jaxgen.errors import ConfigError
 from jaxgen.families.base import Family
 
 # name -> "module:Class"; imported lazily so a family's heavy deps load only when used.
@@ -15,7 +16,7 @@ _REGISTRY: Dict[str, str] = {
 }
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(ConfigError):
     pass
 
 
@@ -25,7 +26,7 @@ def names():
 
 def get_class(name: str) -> Type[Family]:
     if name not in _REGISTRY:
-        raise UnknownFamilyError(f"unknown family {name!r}; choose one of {', '.join(names())} (config.family)")
+        raise UnknownFamilyError(f"unknown family {name!r}; set config.family to one of {', '.join(names())}")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -1,0 +1,1 @@
+"""Family-agnostic training: optimizer, train state, jitted step, checkpoints, loop."""

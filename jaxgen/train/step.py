@@ -1,0 +1,68 @@
+"""The one jitted, donated train step (gradient accumulation and EMA inside; NaN guard without host sync)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgen.train.state import TrainState
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    ema_decay: float, grad_accum: int = 1) -> Callable:
+    """loss_fn(params, batch, rng, frozen) -> (loss, metrics). Returns step(state, batch, frozen) -> (state, metrics)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def compute_grads(params, batch, rng, frozen):
+        if grad_accum == 1:
+            (loss, metrics), grads = grad_fn(params, batch, rng, frozen)
+            return loss, metrics, grads
+        # Micro-batches along the leading axis: sum grads in f32 over a scan, then average (one optimizer update).
+        micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+        def body(carry, inputs):
+            i, mb = inputs
+            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
+            acc = jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(
+            lambda x: x[0], micro), rng, frozen)))
+        init = (zeros[0][0], zeros[0][1], zeros[1])
+        (loss, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+        scale = 1.0 / grad_accum
+        return loss * scale, jax.tree_util.tree_map(lambda m: m * scale, metrics), jax.tree_util.tree_map(lambda g: g * scale, grads)
+
+    def step(state: TrainState, batch: Dict[str, jax.Array], frozen: Any):
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, metrics, grads = compute_grads(state.params, batch, rng, frozen)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        ok = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
+        ok = jnp.logical_and(ok, state.nonfinite_step < 0)
+
+        def keep(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        params = keep(new_params, state.params)
+        opt_state = keep(new_opt, state.opt_state)
+        ema = state.ema_params
+        if ema is not None:
+            ema = keep(jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, new_params), ema)
+        nonfinite = jnp.where(jnp.logical_or(ok, state.nonfinite_step >= 0), state.nonfinite_step, state.step + 1)
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  ema_params=ema, opt_state=opt_state, nonfinite_step=nonfinite)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state.step)
+        return new_state, metrics
+
+    return step

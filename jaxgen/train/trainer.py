@@ -1,0 +1,258 @@
+"""The family-agnostic training loop.
+
+One jitted, donated step compiled once; params and optimizer state created sharded; async atomic checkpoints
+with the data-iterator state; exact auto-resume; SIGTERM -> save and exit 0; non-finite loss -> halt naming the
+step and the last good checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import families
+from jaxgen.errors import ConfigError, UserError
+from jaxgen.parallel import mesh as mesh_lib
+from jaxgen.parallel import sharding as sh
+from jaxgen.train import checkpoint as ckpt_lib
+from jaxgen.train import export, optim
+from jaxgen.train import state as state_lib
+from jaxgen.train.logger import RunLogger, count_params, parameter_overview
+from jaxgen.train.step import make_train_step
+
+
+class NonFiniteError(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    state: Any
+    step: int
+    stopped_by_signal: bool = False
+
+
+class _SignalFlag:
+    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no flag
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def validate_batch(config, mesh, rules) -> int:
+    dp = mesh_lib.data_parallel_size(mesh, rules)
+    if config.batch_size % dp:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {dp} "
+                          f"(mesh {dict(mesh.shape)}); set --config.batch_size to a multiple of {dp}")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes; "
+                          f"use a multiple of {jax.process_count()}")
+    accum = int(config.optim.get("grad_accum", 1))
+    if accum < 1 or config.batch_size % (accum * dp):
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by optim.grad_accum x data-parallel size "
+                          f"({accum} x {dp}); change one of them")
+    return dp
+
+
+def put_frozen(frozen: Any, mesh) -> Any:
+    """Frozen arrays (e.g. tokenizer params) replicated on the mesh."""
+    rep = sh.replicated(mesh)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, rep), frozen)
+
+
+def build_state(family, config, mesh, rules, tx):
+    key = jax.random.PRNGKey(config.seed)
+    init_rng, state_rng = jax.random.split(key)
+
+    def init_fn():
+        params = family.init(init_rng)
+        return state_lib.create(params, ema=config.optim.ema_decay > 0, tx=tx, seed_key=state_rng)
+
+    return sh.sharded_init(init_fn, mesh, rules)
+
+
+class Trainer:
+    """Holds what a run needs; `run()` trains from scratch or resumes from the workdir."""
+
+    def __init__(self, config, workdir: str, frozen: Any = None, family=None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.family = family or families.build(config)
+        self.mesh = mesh_lib.make_mesh(config.mesh)
+        self.rules = sh.rules_tuple(config.mesh.rules)
+        validate_batch(config, self.mesh, self.rules)
+        self.schedule = optim.make_schedule(config.optim, config.total_steps, config.batch_size)
+        self.frozen = put_frozen(frozen if frozen is not None else self.family.load_frozen(), self.mesh)
+        # Weight-decay mask from the family, computed on abstract params (no allocation).
+        abstract_params = nn.meta.unbox(jax.eval_shape(self.family.init, jax.random.PRNGKey(0)))
+        decay_mask = self.family.weight_decay_mask(abstract_params)
+        self.tx = optim.make_optimizer(config.optim, self.schedule, decay_mask)
+        with self.mesh_context():
+            self.state, self.state_shardings = build_state(self.family, config, self.mesh, self.rules, self.tx)
+        self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                                  keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
+                                                  async_save=config.checkpoint.async_save)
+
+    def mesh_context(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def _compile_step(self):
+        step = make_train_step(self.family.loss, self.tx, self.schedule, float(self.config.optim.ema_decay),
+                               int(self.config.optim.get("grad_accum", 1)))
+        batch_shardings = {k: sh.batch_sharding(self.mesh, self.rules, len(s.shape))
+                           for k, s in self.family.dummy_batch(self.config.batch_size).items()}
+        frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
+        return jax.jit(step, in_shardings=(self.state_shardings, batch_shardings, frozen_shardings),
+                       out_shardings=(self.state_shardings, sh.replicated(self.mesh)), donate_argnums=(0,))
+
+    def maybe_init_from(self):
+        """Start from a params checkpoint (converted official weights / another run) when config.init_from is set."""
+        path = self.config.get("init_from", "")
+        if not path:
+            return
+        abstract = ckpt_lib.abstract_like(self.state.params)
+        params = export.load_params(path, abstract, prefer_ema=False)
+        ema = self.state.ema_params
+        self.state = self.state.replace(params=params, ema_params=(jax.tree_util.tree_map(jnp.copy, params)
+                                                                   if ema is not None else None))
+        logging.info("initialised params from %s", path)
+
+    def run(self, data_iter, on_sample=None) -> TrainResult:
+        config = self.config
+        start = self.checkpointer.latest_step()
+        if start is not None:
+            restored = self.checkpointer.restore(start, ckpt_lib.abstract_like(self.state), data_iter)
+            self.state = restored["state"]
+            logging.info("resumed from %s at step %d", self.checkpointer.directory, start)
+        else:
+            start = 0
+            self.maybe_init_from()
+        logger = RunLogger(self.workdir, config.total_steps, name=config.family)
+        if start == 0 and logger.enabled:
+            n = count_params(self.state.params)
+            logging.info("%s: %s parameters\n%s", config.family, f"{n:,}", parameter_overview(self.state.params))
+            logger.text("config", "```\n" + str(config) + "\n```")
+        with self.mesh_context():
+            step_fn = self._compile_step()
+        meta = {"family": config.family}
+        pending = []
+        last_good = self.checkpointer.latest_step()
+        stopped = False
+        logger.start(start)
+        step = start
+        with _SignalFlag() as sigterm, self.mesh_context():
+            while step < config.total_steps:
+                local = next(data_iter)
+                batch = sh.global_batch(local, self.mesh, self.rules)
+                self.state, metrics = step_fn(self.state, batch, self.frozen)
+                pending.append(metrics)
+                step += 1
+                last = step == config.total_steps
+                if step % config.log_every == 0 or last:
+                    self._check_finite(last_good)
+                    host = jax.device_get(pending)
+                    pending = []
+                    logger.scalars(step, {k: float(np.mean([m[k] for m in host])) for k in host[0]})
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+                    self._check_finite(last_good)
+                    self.checkpointer.save(step, self.state, data_iter, meta, force=last)
+                    last_good = step
+                if on_sample is not None and config.sample_every and step % config.sample_every == 0:
+                    on_sample(self, step, logger)
+                if sigterm.raised or _preemption_reached(step):
+                    self._check_finite(last_good)
+                    if self.checkpointer.latest_step() != step:
+                        self.checkpointer.save(step, self.state, data_iter, meta, force=True)
+                    stopped = True
+                    logging.warning("saved step %d after SIGTERM; exiting", step)
+                    break
+        self.checkpointer.wait()
+        logger.close()
+        return TrainResult(self.state, step, stopped)
+
+    def _check_finite(self, last_good: Optional[int]):
+        bad = int(jax.device_get(self.state.nonfinite_step))
+        if bad >= 0:
+            self.checkpointer.wait()
+            where = (f"last good checkpoint: step {last_good} in {self.checkpointer.directory}" if last_good
+                     else "no checkpoint was written yet")
+            raise NonFiniteError(f"loss or gradients became NaN/Inf at step {bad} (no update was applied from then on); "
+                                 f"{where}; lower optim.lr, enable optim.grad_clip, or use float32 compute")
+
+    def close(self):
+        self.checkpointer.close()
+
+
+def _preemption_reached(step: int) -> bool:
+    if jax.process_count() == 1:
+        return False
+    try:
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except Exception:  # noqa: BLE001 - preemption service not enabled
+        return False
+
+
+def restore_params(config, workdir: str, family=None, prefer_ema: bool = True):
+    """Params of a run (EMA when available) from its latest checkpoint, sharded for `config.mesh`."""
+    family = family or families.build(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = sh.rules_tuple(config.mesh.rules)
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if export.is_params_dir(workdir):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            abstract = jax.eval_shape(family.init, jax.random.PRNGKey(0))
+            shardings = sh.logical_to_shardings(abstract, mesh, rules)
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        nn.meta.unbox(abstract), shardings)
+        return export.load_params(workdir, target, prefer_ema=prefer_ema), mesh
+    if not os.path.isdir(ckpt_dir):
+        from jaxgen.errors import CheckpointError
+        raise CheckpointError(f"no checkpoints in {workdir}; train first (--mode=train) or pass a converted params "
+                              f"directory as --workdir / --config.init_from")
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+    step = checkpointer.latest_step()
+    if step is None:
+        from jaxgen.errors import CheckpointError
+        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}; train first (--mode=train)")
+    tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, config.total_steps, config.batch_size),
+                              family.weight_decay_mask(nn.meta.unbox(jax.eval_shape(family.init, jax.random.PRNGKey(0)))))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract_state = jax.eval_shape(lambda: state_lib.create(family.init(jax.random.PRNGKey(0)),
+                                                                 config.optim.ema_decay > 0, tx, jax.random.PRNGKey(0)))
+        shardings = sh.logical_to_shardings(abstract_state, mesh, rules)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    nn.meta.unbox(abstract_state), shardings)
+    state = checkpointer.restore(step, target)["state"]
+    checkpointer.close()
+    params = state.ema_params if (prefer_ema and state.ema_params is not None) else state.params
+    return params, mesh
