@@ -27,11 +27,17 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*out)
 
 
+def unbox(tree: Any) -> Any:
+    """Strip logical-partitioning boxes WITHOUT adding sharding constraints (safe on abstract values)."""
+    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                                  is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def logical_to_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     """Shardings for a boxed (nn.Partitioned) abstract pytree; unboxed leaves are replicated."""
     specs = nn.get_partition_spec(abstract_boxed)
     mesh_specs = nn.logical_to_mesh(specs, rules_tuple(rules))
-    unboxed = nn.meta.unbox(abstract_boxed)
+    unboxed = unbox(abstract_boxed)
     return jax.tree_util.tree_map(
         lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
         mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))

@@ -108,7 +108,7 @@ class Trainer:
         self.schedule = optim.make_schedule(config.optim, config.total_steps, config.batch_size)
         self.frozen = put_frozen(frozen if frozen is not None else self.family.load_frozen(), self.mesh)
         # Weight-decay mask from the family, computed on abstract params (no allocation).
-        abstract_params = nn.meta.unbox(jax.eval_shape(self.family.init, jax.random.PRNGKey(0)))
+        abstract_params = sh.unbox(jax.eval_shape(self.family.init, jax.random.PRNGKey(0)))
         decay_mask = self.family.weight_decay_mask(abstract_params)
         self.tx = optim.make_optimizer(config.optim, self.schedule, decay_mask)
         with self.mesh_context():
@@ -233,7 +233,7 @@ def restore_params(config, workdir: str, family=None, prefer_ema: bool = True):
             abstract = jax.eval_shape(family.init, jax.random.PRNGKey(0))
             shardings = sh.logical_to_shardings(abstract, mesh, rules)
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        nn.meta.unbox(abstract), shardings)
+                                        sh.unbox(abstract), shardings)
         return export.load_params(workdir, target, prefer_ema=prefer_ema), mesh
     if not os.path.isdir(ckpt_dir):
         from jaxgen.errors import CheckpointError
@@ -245,13 +245,13 @@ def restore_params(config, workdir: str, family=None, prefer_ema: bool = True):
         from jaxgen.errors import CheckpointError
         raise CheckpointError(f"no complete checkpoint in {ckpt_dir}; train first (--mode=train)")
     tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, config.total_steps, config.batch_size),
-                              family.weight_decay_mask(nn.meta.unbox(jax.eval_shape(family.init, jax.random.PRNGKey(0)))))
+                              family.weight_decay_mask(sh.unbox(jax.eval_shape(family.init, jax.random.PRNGKey(0)))))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = jax.eval_shape(lambda: state_lib.create(family.init(jax.random.PRNGKey(0)),
                                                                  config.optim.ema_decay > 0, tx, jax.random.PRNGKey(0)))
         shardings = sh.logical_to_shardings(abstract_state, mesh, rules)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    nn.meta.unbox(abstract_state), shardings)
+                                    sh.unbox(abstract_state), shardings)
     state = checkpointer.restore(step, target)["state"]
     checkpointer.close()
     params = state.ema_params if (prefer_ema and state.ema_params is not None) else state.params
