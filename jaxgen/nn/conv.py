@@ -1,0 +1,195 @@
+"""Convolutional building blocks shared by the VQ / KL image autoencoders (MAR's KL-VAE, VAR's VQVAE, MaskGIT's VQGAN).
+
+Everything is NHWC. Conv kernels are (kh, kw, in, out) with logical axes (None, None, 'conv_in', 'conv_out'), i.e. a
+torch Conv2d weight (O, I, kh, kw) transposed by (2, 3, 1, 0). Parameter names follow the torch attribute names of the
+LDM-style autoencoders (`norm1`, `conv1`, `nin_shortcut`, `q`/`k`/`v`/`qkv`, `proj_out`, `conv`) so converters are
+mechanical. Norms, softmax and attention logits are computed in float32; convs accumulate in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.nn.layers import ones, with_axes, zeros
+
+Dtype = Any
+# int p: torch `padding=p` (p zeros on every side); ((top, bottom), (left, right)): explicit; "SAME": TF / timm
+# Conv2dSame (total pad k-1 for stride 1, extra pixel at the end); "VALID": none.
+Padding = Union[int, str, Sequence[Tuple[int, int]]]
+
+# torch Conv2d's default init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def swish(x):
+    """x * sigmoid(x) (torch SiLU, LDM's `nonlinearity`)."""
+    return x * jax.nn.sigmoid(x)
+
+
+def _pairs(padding: Padding) -> Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]:
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    (t, b), (l, r) = padding
+    return ((int(t), int(b)), (int(l), int(r)))
+
+
+class Conv(nn.Module):
+    """2-D convolution on NHWC input with torch padding semantics.
+
+    `padding` as torch's int (symmetric zeros), explicit ((top, bottom), (left, right)) pairs (torch F.pad(x, (l, r, t, b))
+    followed by an unpadded conv), or 'SAME' / 'VALID'. Params: `kernel` (kh, kw, in, out), `bias` (out,).
+    """
+
+    features: int
+    kernel_size: Union[int, Tuple[int, int]] = 3
+    strides: int = 1
+    padding: Padding = 0
+    use_bias: bool = True
+    kernel_init: Callable = torch_conv_init
+    bias_init: Callable = zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = (self.kernel_size, self.kernel_size) if isinstance(self.kernel_size, int) else self.kernel_size
+        kernel = self.param("kernel", with_axes(self.kernel_init, (None, None, "conv_in", "conv_out")),
+                            (kh, kw, x.shape[-1], self.features), self.param_dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            window_strides=(self.strides, self.strides), padding=_pairs(self.padding),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", with_axes(self.bias_init, ("conv_out",)), (self.features,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm on NHWC: channel c belongs to group c // (C / num_groups); biased variance over (H, W, group
+    channels), eps inside the sqrt, statistics in float32. Params `scale` / `bias` (torch `weight` / `bias`)."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+        x32 = x.astype(jnp.float32)
+        g = x32.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)  # spatial dims and channels within a group
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = y * self.param("scale", with_axes(ones, ("norm",)), (c,), self.param_dtype).astype(jnp.float32)
+        y = y + self.param("bias", with_axes(zeros, ("norm",)), (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class ResnetBlock(nn.Module):
+    """GN -> swish -> conv3 -> GN -> swish -> dropout -> conv3, plus a residual.
+
+    When channels change a 1x1 `nin_shortcut` maps the residual:
+      shortcut='input'  (LDM / MAR KL-VAE / VAR): out = nin_shortcut(x) + h, kernel in -> out.
+      shortcut='output' (MaskGIT-VQGAN quirk):   out = h + nin_shortcut(h), kernel out -> out (the input is dropped).
+    `use_bias=False` gives MaskGIT's bias-free convs. Dropout draws from the 'dropout' rng when not deterministic.
+    """
+
+    out_channels: Optional[int] = None
+    dropout: float = 0.0
+    shortcut: str = "input"
+    use_bias: bool = True
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        if self.shortcut not in ("input", "output"):
+            raise ValueError(f"ResnetBlock.shortcut must be 'input' or 'output', got {self.shortcut!r}")
+        c_in = x.shape[-1]
+        c_out = self.out_channels or c_in
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(num_groups=self.num_groups, epsilon=self.epsilon, **kw)
+        h = swish(GroupNorm(name="norm1", **norm)(x))
+        h = Conv(c_out, 3, padding=1, use_bias=self.use_bias, name="conv1", **kw)(h)
+        h = swish(GroupNorm(name="norm2", **norm)(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
+        h = Conv(c_out, 3, padding=1, use_bias=self.use_bias, name="conv2", **kw)(h)
+        if c_in == c_out:
+            return x + h
+        shortcut = Conv(c_out, 1, use_bias=self.use_bias, name="nin_shortcut", **kw)
+        if self.shortcut == "input":
+            return shortcut(x) + h
+        return h + shortcut(h)
+
+
+class Downsample(nn.Module):
+    """x2 downsampling. with_conv: zero-pad bottom/right by one (torch pad (0, 1, 0, 1)) then a stride-2 3x3 conv
+    (`conv`) with no padding; otherwise 2x2 average pooling."""
+
+    with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.with_conv:
+            return Conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), name="conv",
+                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        b, h, w, c = x.shape
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 (torch interpolate mode='nearest', scale 2) then, with_conv, a 3x3 conv (`conv`, pad 1)."""
+
+    with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if self.with_conv:
+            x = Conv(x.shape[-1], 3, padding=1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return x
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual: x + proj_out(softmax(q k^T * C^-1/2) v) over the H*W positions.
+
+    fused_qkv=False: separate 1x1 convs `q`, `k`, `v` (LDM, MAR KL-VAE); True: one 1x1 conv `qkv` with C -> 3C output
+    channels laid out [q | k | v] (VAR). Logits and softmax in float32.
+    """
+
+    fused_qkv: bool = False
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, hgt, wid, c = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, name="norm", **kw)(x)
+        if self.fused_qkv:
+            q, k, v = jnp.split(Conv(3 * c, 1, name="qkv", **kw)(h), 3, axis=-1)
+        else:
+            q, k, v = (Conv(c, 1, name=n, **kw)(h) for n in ("q", "k", "v"))
+        q, k, v = (t.reshape(b, hgt * wid, c) for t in (q, k, v))
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bij,bjc->bic", weights, v, preferred_element_type=jnp.float32).astype(self.dtype)
+        return x + Conv(c, 1, name="proj_out", **kw)(out.reshape(b, hgt, wid, c))

@@ -1,0 +1,239 @@
+"""MAR's KL-VAE tokenizer (LTH14/mar models/vae.py, LDM's AutoencoderKL): images <-> continuous latents.
+
+Layout (NHWC; level i has width ch * ch_mult[i]; nominal resolution halves after every level but the last):
+  Encoder: conv_in -> per level: num_res_blocks x (ResnetBlock [+ AttnBlock if the level's nominal resolution is in
+           attn_resolutions]) [+ Downsample] -> mid (Res, Attn, Res) -> GN, swish -> conv_out (2*z if double_z).
+  Decoder: conv_in -> mid (Res, Attn, Res) -> levels from deepest to 0: (num_res_blocks + 1) ResnetBlocks [+ AttnBlocks by
+           the same resolution rule] [+ Upsample unless level 0] -> GN, swish -> conv_out.
+  AutoencoderKL: quant_conv (1x1) after the encoder gives the moments [mean | logvar]; post_quant_conv (1x1) before the
+           decoder. The official MAR class builds its Decoder WITHOUT attn_resolutions, so the decoder has attention only
+           in its mid block (`decoder_attn_resolutions=()`); LDM's own kl-f configs pass attn_resolutions to both.
+
+Param paths mirror the torch keys with list indices folded into the name: torch `encoder.down.1.attn.0.q.weight` is
+params['encoder']['down_1']['attn_0']['q']['kernel'] (see jaxgen.convert.kl_vae).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample, swish
+
+Dtype = Any
+
+
+class DiagonalGaussian:
+    """Posterior N(mean, exp(logvar)) from moments (..., 2*C) = [mean | logvar] along the last axis (float32)."""
+
+    def __init__(self, moments: jax.Array):
+        self.moments = moments.astype(jnp.float32)
+        self.mean, logvar = jnp.split(self.moments, 2, axis=-1)
+        self.logvar = jnp.clip(logvar, -30.0, 20.0)  # as the official class: keeps exp() finite
+
+    @property
+    def std(self):
+        return jnp.exp(0.5 * self.logvar)
+
+    @property
+    def var(self):
+        return jnp.exp(self.logvar)
+
+    def mode(self):
+        return self.mean
+
+    def sample(self, rng: jax.Array):
+        return self.mean + self.std * jax.random.normal(rng, self.mean.shape, jnp.float32)
+
+    def kl(self):
+        """KL(q || N(0, I)) summed over every non-batch axis: shape (B,)."""
+        terms = jnp.square(self.mean) + self.var - 1.0 - self.logvar
+        return 0.5 * jnp.sum(terms, axis=tuple(range(1, terms.ndim)))
+
+
+class _Mid(nn.Module):
+    """Res -> Attn -> Res at the lowest resolution (torch `mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
+
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = ResnetBlock(dropout=self.dropout, name="block_1", **kw)(h, deterministic)
+        h = AttnBlock(name="attn_1", **kw)(h)
+        return ResnetBlock(dropout=self.dropout, name="block_2", **kw)(h, deterministic)
+
+
+class _Level(nn.Module):
+    """One resolution level: `block_j` ResnetBlocks (each followed by `attn_j` when use_attn), then an optional resampler
+    (`downsample` / `upsample`)."""
+
+    features: int
+    num_blocks: int
+    use_attn: bool
+    resample: Optional[str]  # None | 'down' | 'up'
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_blocks):
+            h = ResnetBlock(self.features, dropout=self.dropout, name=f"block_{j}", **kw)(h, deterministic)
+            if self.use_attn:
+                h = AttnBlock(name=f"attn_{j}", **kw)(h)
+        if self.resample == "down":
+            h = Downsample(name="downsample", **kw)(h)
+        elif self.resample == "up":
+            h = Upsample(name="upsample", **kw)(h)
+        return h
+
+
+class Encoder(nn.Module):
+    """Image (B, H, W, in_channels) -> (B, H/2^(L-1), W/2^(L-1), 2*z_channels if double_z else z_channels)."""
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.0
+    resolution: int = 256  # nominal input size: only decides which levels get attention
+    z_channels: int = 16
+    double_z: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Conv(self.ch, 3, padding=1, name="conv_in", **kw)(x)
+        res = self.resolution
+        last = len(self.ch_mult) - 1
+        for i, mult in enumerate(self.ch_mult):
+            h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
+                       "down" if i != last else None, self.dropout, name=f"down_{i}", **kw)(h, deterministic)
+            if i != last:
+                res //= 2
+        h = _Mid(self.dropout, name="mid", **kw)(h, deterministic)
+        h = swish(GroupNorm(name="norm_out", **kw)(h))
+        out = 2 * self.z_channels if self.double_z else self.z_channels
+        return Conv(out, 3, padding=1, name="conv_out", **kw)(h)
+
+
+class Decoder(nn.Module):
+    """Latent (B, h, w, z_channels) -> image (B, h*2^(L-1), w*2^(L-1), out_ch)."""
+
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = ()  # the official MAR decoder gets none (attention only in `mid`)
+    dropout: float = 0.0
+    resolution: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        last = len(self.ch_mult) - 1
+        h = Conv(self.ch * self.ch_mult[last], 3, padding=1, name="conv_in", **kw)(z)
+        h = _Mid(self.dropout, name="mid", **kw)(h, deterministic)
+        res = self.resolution // 2 ** last
+        for i in reversed(range(len(self.ch_mult))):
+            h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
+                       "up" if i != 0 else None, self.dropout, name=f"up_{i}", **kw)(h, deterministic)
+            if i != 0:
+                res *= 2
+        h = swish(GroupNorm(name="norm_out", **kw)(h))
+        return Conv(self.out_ch, 3, padding=1, name="conv_out", **kw)(h)
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised autoencoder. Defaults are the official MAR KL-16 (66.46M params, stride 16, 16 latent channels)."""
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 16
+    embed_dim: int = 16
+    double_z: bool = True
+    dropout: float = 0.0
+    # Official MAR: Decoder built without attn_resolutions; set to attn_resolutions for LDM-style decoders.
+    decoder_attn_resolutions: Sequence[int] = ()
+    # False: quant_conv predicts only the mean and logvar is fixed to 1 (official `use_variational=False`).
+    use_variational: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                      dropout=self.dropout, resolution=self.resolution, **kw)
+        self.encoder = Encoder(attn_resolutions=tuple(self.attn_resolutions), z_channels=self.z_channels,
+                               double_z=self.double_z, **common)
+        self.decoder = Decoder(out_ch=self.out_ch, attn_resolutions=tuple(self.decoder_attn_resolutions), **common)
+        self.quant_conv = Conv((2 if self.use_variational else 1) * self.embed_dim, 1, **kw)
+        self.post_quant_conv = Conv(self.z_channels, 1, **kw)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def encode(self, x, deterministic: bool = True):
+        """Image NHWC in [-1, 1] -> moments (B, h, w, 2*embed_dim) = [mean | logvar (unclamped)], float32."""
+        moments = self.quant_conv(self.encoder(x, deterministic)).astype(jnp.float32)
+        if not self.use_variational:
+            moments = jnp.concatenate([moments, jnp.ones_like(moments)], axis=-1)
+        return moments
+
+    def decode(self, z, deterministic: bool = True):
+        """Latent (B, h, w, embed_dim) -> image NHWC (unclamped), float32."""
+        return self.decoder(self.post_quant_conv(z), deterministic).astype(jnp.float32)
+
+    def __call__(self, x, rng: Optional[jax.Array] = None, sample_posterior: bool = True,
+                 deterministic: bool = True):
+        """(reconstruction, moments). Decodes a posterior sample drawn with `rng` (or the 'sample' rng stream), or the
+        mean when sample_posterior is False."""
+        moments = self.encode(x, deterministic)
+        posterior = DiagonalGaussian(moments)
+        if sample_posterior:
+            if rng is None:
+                if not self.has_rng("sample"):
+                    raise ValueError("AutoencoderKL: sample_posterior=True needs `rng` or a 'sample' rng stream")
+                rng = self.make_rng("sample")
+            z = posterior.sample(rng)
+        else:
+            z = posterior.mode()
+        return self.decode(z.astype(self.dtype), deterministic), moments
+
+    @classmethod
+    def from_config(cls, config) -> "AutoencoderKL":
+        """Build from a run config (reads `config.model`, `config.compute_dtype`, `config.param_dtype`) or directly from a
+        model ConfigDict (then dtypes come from its own `compute_dtype` / `param_dtype` if present, else float32).
+
+        config.model fields (all optional, defaults = official KL-16): ch, ch_mult, num_res_blocks, attn_resolutions,
+        resolution (nominal input size; only places attention), in_channels, out_ch, z_channels, embed_dim, double_z,
+        dropout, decoder_attn_resolutions, use_variational. Other keys (recon_loss, kl_weight, scale_factor, ...) are
+        ignored here.
+        """
+        model = config.model if "model" in config else config
+        get = lambda k, d: model.get(k, d) if hasattr(model, "get") else getattr(model, k, d)  # noqa: E731
+        top = config.get if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
+        defaults = cls.__dataclass_fields__
+        kwargs = {}
+        for name in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "in_channels", "out_ch",
+                     "z_channels", "embed_dim", "double_z", "dropout", "decoder_attn_resolutions", "use_variational"):
+            value = get(name, defaults[name].default)
+            kwargs[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return cls(dtype=jnp.dtype(top("compute_dtype", "float32")),
+                   param_dtype=jnp.dtype(top("param_dtype", "float32")), **kwargs)
