@@ -1,0 +1,3 @@
+from jaxgen.convert.cli import entry
+
+entry()
