@@ -133,9 +133,118 @@ def vqvae_abstract_params(sd_or_shapes: Mapping[str, Any], config: Optional[Mapp
 
     arch = vqvae_arch_from_state_dict({k: np.shape(v) for k, v in sd_or_shapes.items()})
     cfg = dict(arch)
-    cfg.update({k: v for k, v in dict(config or {}).items()})
+    cfg.update(_model_fields(config))
     model = vqvae_from_config(cfg)
     size = model.v_patch_nums[-1] * 2 ** (len(model.ch_mult) - 1)
     x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype), train=False))
+    return _shape_tree(shapes["params"])
+
+
+# ----------------------------------------------------------------------------- VAR transformer
+def _model_fields(config) -> Dict[str, Any]:
+    """config.model of a run config, or a plain mapping of model fields."""
+    if config is None:
+        return {}
+    model = config.get("model") if hasattr(config, "get") else None
+    src = model if model is not None else config
+    return dict(src.to_dict() if hasattr(src, "to_dict") else src)
+
+
+def var_arch_from_state_dict(shapes: Mapping[str, Any]) -> Dict[str, Any]:
+    """VAR architecture read from a state_dict's keys / shapes. attn_l2_norm follows the presence of scale_mul_1H11
+    (older uploads were trained without l2-normalised attention); shared_aln the presence of shared_ada_lin."""
+    shp = {k: tuple(np.shape(v)) if not isinstance(v, (tuple, list)) else tuple(v) for k, v in shapes.items()}
+    try:
+        c, cvae = shp["word_embed.weight"]
+        vocab = shp["head.weight"][0]
+        n_cls = shp["class_emb.weight"][0] - 1
+        n_lvl = shp["lvl_embed.weight"][0]
+        seq_len = shp["pos_1LC"][1]
+    except KeyError as e:
+        raise ValueError(f"not a VAR state_dict: missing {e}") from None
+    depth = len({int(m.group(1)) for k in shp for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
+    arch = dict(depth=depth, embed_dim=int(c), cvae=int(cvae), vocab_size=int(vocab), num_classes=int(n_cls),
+                num_levels=int(n_lvl), seq_len=int(seq_len),
+                attn_l2_norm="blocks.0.attn.scale_mul_1H11" in shp,
+                shared_aln="shared_ada_lin.1.weight" in shp)
+    if arch["attn_l2_norm"]:
+        arch["num_heads"] = int(shp["blocks.0.attn.scale_mul_1H11"][1])
+    return arch
+
+
+def _var_path(key: str) -> Tuple[Tuple[str, ...], str]:
+    """torch key -> (jaxgen path, transform) with transform in {'copy', 'linear', 'heads'}."""
+    simple = {"pos_start": ("pos_start",), "pos_1LC": ("pos_1LC",),
+              "class_emb.weight": ("class_emb", "embedding"), "lvl_embed.weight": ("lvl_embed", "embedding")}
+    if key in simple:
+        return simple[key], "copy"
+    m = re.fullmatch(r"(word_embed|head|shared_ada_lin\.1|head_nm\.ada_lin\.1)\.(weight|bias)", key)
+    if m:
+        mod = {"word_embed": ("word_embed",), "head": ("head",), "shared_ada_lin.1": ("shared_ada_lin",),
+               "head_nm.ada_lin.1": ("head_nm", "ada_lin")}[m.group(1)]
+        return (mod + ("kernel",), "linear") if m.group(2) == "weight" else (mod + ("bias",), "copy")
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if not m:
+        raise ValueError(f"unexpected VAR checkpoint key {key!r}")
+    blk, rest = (f"blocks_{m.group(1)}",), m.group(2)
+    leaf = {"attn.scale_mul_1H11": (("attn", "scale_mul"), "heads"),
+            "attn.q_bias": (("attn", "q_bias"), "copy"), "attn.v_bias": (("attn", "v_bias"), "copy"),
+            "attn.mat_qkv.weight": (("attn", "qkv", "kernel"), "linear"),
+            "ada_gss": (("ada_gss",), "copy")}
+    if rest in leaf:
+        return blk + leaf[rest][0], leaf[rest][1]
+    m = re.fullmatch(r"(attn\.proj|ffn\.fc1|ffn\.fc2|ada_lin\.1)\.(weight|bias)", rest)
+    if not m:
+        raise ValueError(f"unexpected VAR checkpoint key {key!r}")
+    mod = {"attn.proj": ("attn", "proj"), "ffn.fc1": ("ffn", "fc1"), "ffn.fc2": ("ffn", "fc2"),
+           "ada_lin.1": ("ada_lin",)}[m.group(1)]
+    return (blk + mod + ("kernel",), "linear") if m.group(2) == "weight" else (blk + mod + ("bias",), "copy")
+
+
+def convert_var(sd: StateDict, config=None, views: bool = False, check: bool = True) -> Dict[str, Any]:
+    """VAR state_dict -> params of `jaxgen.families.var.model.VAR`.
+
+    config: a run config (its `model` is used) or a mapping of model fields; fields it does not give (depth, width,
+    attn_l2_norm, shared_aln, ...) are read from the checkpoint. A config that contradicts the checkpoint (e.g.
+    attn_l2_norm=True for an upload without scale_mul_1H11) raises ValueError saying which field to change.
+    """
+    params: Dict[str, Any] = {}
+    for key, w in sd.items():
+        if VAR_IGNORED_RE.match(key):
+            continue
+        path, how = _var_path(key)
+        if how == "linear":
+            value = _linear_kernel(w, views)
+        elif how == "heads":
+            value = _f32(w).reshape(-1)  # (1, H, 1, 1) -> (H,)
+        else:
+            value = _f32(w)
+        _set(params, path, value)
+    if check:
+        arch = var_arch_from_state_dict({k: np.shape(v) for k, v in sd.items()})
+        fields = _model_fields(config)
+        for name in ("attn_l2_norm", "shared_aln"):
+            if name in fields and bool(fields[name]) != arch[name]:
+                raise ValueError(f"the checkpoint has {name}={arch[name]} but the config says {fields[name]}: set "
+                                 f"config.model.{name}={arch[name]}"
+                                 + (" (configs/var_d*.py:no_l2norm)" if name == "attn_l2_norm" else ""))
+        check_tree_shapes(params, var_abstract_params(arch, fields), "VAR checkpoint params")
+    return params
+
+
+def var_abstract_params(arch: Mapping[str, Any], fields: Optional[Mapping[str, Any]] = None):
+    """Abstract (shape-only) params of the VAR described by `fields` (config.model), completed from `arch`."""
+    import jax
+    import jax.numpy as jnp
+    from jaxgen.families.var.model import var_from_config
+
+    m = {k: v for k, v in arch.items() if k in ("depth", "embed_dim", "num_heads", "num_classes", "attn_l2_norm",
+                                                 "shared_aln")}
+    m.update(dict(fields or {}))
+    model = var_from_config(m, vocab_size=int(arch["vocab_size"]), cvae=int(arch["cvae"]))
+    b = 1
+    labels = jnp.zeros((b,), jnp.int32)
+    x = jnp.zeros((b, model.seq_len - model.first_l, model.cvae), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), labels, x))
     return _shape_tree(shapes["params"])

@@ -1,0 +1,1 @@
+"""VAR: next-scale prediction (FoundationVision/VAR) on the multi-scale VQ tokenizer (`jaxgen.tokenizers.msvq`)."""
