@@ -35,9 +35,21 @@ def _parse(argv):
         _fail(f"cannot load the config: {' '.join(str(e).split()) or type(e).__name__}")
 
 
+class _QuietLibraries(logging.Filter):
+    """Keep jaxgen's own progress lines; drop the INFO chatter of orbax / grain / jax / absl internals."""
+
+    NOISY = ("/orbax/", "/grain/", "/jax/", "/jaxlib/", "/flax/", "/absl/", "/tensorflow_datasets/", "/etils/")
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or not any(s in record.pathname for s in self.NOISY)
+
+
 def main(argv):
     del argv
     from jaxgen.errors import UserError
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
 
     if FLAGS.config is None:
         _fail("--config is required, e.g. --config=configs/mar_tiny.py")

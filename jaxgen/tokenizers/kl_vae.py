@@ -57,12 +57,13 @@ class _Mid(nn.Module):
     """Res -> Attn -> Res at the lowest resolution (torch `mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
 
     dropout: float = 0.0
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
         h = ResnetBlock(dropout=self.dropout, name="block_1", **kw)(h, deterministic)
         h = AttnBlock(name="attn_1", **kw)(h)
         return ResnetBlock(dropout=self.dropout, name="block_2", **kw)(h, deterministic)
@@ -77,16 +78,18 @@ class _Level(nn.Module):
     use_attn: bool
     resample: Optional[str]  # None | 'down' | 'up'
     dropout: float = 0.0
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(num_groups=self.num_groups, **kw)
         for j in range(self.num_blocks):
-            h = ResnetBlock(self.features, dropout=self.dropout, name=f"block_{j}", **kw)(h, deterministic)
+            h = ResnetBlock(self.features, dropout=self.dropout, name=f"block_{j}", **norm)(h, deterministic)
             if self.use_attn:
-                h = AttnBlock(name=f"attn_{j}", **kw)(h)
+                h = AttnBlock(name=f"attn_{j}", **norm)(h)
         if self.resample == "down":
             h = Downsample(name="downsample", **kw)(h)
         elif self.resample == "up":
@@ -105,6 +108,7 @@ class Encoder(nn.Module):
     resolution: int = 256  # nominal input size: only decides which levels get attention
     z_channels: int = 16
     double_z: bool = True
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -116,11 +120,12 @@ class Encoder(nn.Module):
         last = len(self.ch_mult) - 1
         for i, mult in enumerate(self.ch_mult):
             h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
-                       "down" if i != last else None, self.dropout, name=f"down_{i}", **kw)(h, deterministic)
+                       "down" if i != last else None, self.dropout, self.num_groups, name=f"down_{i}",
+                       **kw)(h, deterministic)
             if i != last:
                 res //= 2
-        h = _Mid(self.dropout, name="mid", **kw)(h, deterministic)
-        h = swish(GroupNorm(name="norm_out", **kw)(h))
+        h = _Mid(self.dropout, self.num_groups, name="mid", **kw)(h, deterministic)
+        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
         out = 2 * self.z_channels if self.double_z else self.z_channels
         return Conv(out, 3, padding=1, name="conv_out", **kw)(h)
 
@@ -135,6 +140,7 @@ class Decoder(nn.Module):
     attn_resolutions: Sequence[int] = ()  # the official MAR decoder gets none (attention only in `mid`)
     dropout: float = 0.0
     resolution: int = 256
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -143,14 +149,15 @@ class Decoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         last = len(self.ch_mult) - 1
         h = Conv(self.ch * self.ch_mult[last], 3, padding=1, name="conv_in", **kw)(z)
-        h = _Mid(self.dropout, name="mid", **kw)(h, deterministic)
+        h = _Mid(self.dropout, self.num_groups, name="mid", **kw)(h, deterministic)
         res = self.resolution // 2 ** last
         for i in reversed(range(len(self.ch_mult))):
             h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-                       "up" if i != 0 else None, self.dropout, name=f"up_{i}", **kw)(h, deterministic)
+                       "up" if i != 0 else None, self.dropout, self.num_groups, name=f"up_{i}",
+                       **kw)(h, deterministic)
             if i != 0:
                 res *= 2
-        h = swish(GroupNorm(name="norm_out", **kw)(h))
+        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
         return Conv(self.out_ch, 3, padding=1, name="conv_out", **kw)(h)
 
 
@@ -162,7 +169,7 @@ class AutoencoderKL(nn.Module):
     num_res_blocks: int = 2
     attn_resolutions: Sequence[int] = (16,)
     resolution: int = 256
-    in_channels: int = 3
+    in_channels: int = 3  # the convs infer it; used for dummy inputs and config checks
     out_ch: int = 3
     z_channels: int = 16
     embed_dim: int = 16
@@ -172,13 +179,15 @@ class AutoencoderKL(nn.Module):
     decoder_attn_resolutions: Sequence[int] = ()
     # False: quant_conv predicts only the mean and logvar is fixed to 1 (official `use_variational=False`).
     use_variational: bool = True
+    # GroupNorm groups (official 32); fewer allows tiny widths such as ch=16.
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                      dropout=self.dropout, resolution=self.resolution, **kw)
+                      dropout=self.dropout, resolution=self.resolution, num_groups=self.num_groups, **kw)
         self.encoder = Encoder(attn_resolutions=tuple(self.attn_resolutions), z_channels=self.z_channels,
                                double_z=self.double_z, **common)
         self.decoder = Decoder(out_ch=self.out_ch, attn_resolutions=tuple(self.decoder_attn_resolutions), **common)
@@ -223,7 +232,7 @@ class AutoencoderKL(nn.Module):
 
         config.model fields (all optional, defaults = official KL-16): ch, ch_mult, num_res_blocks, attn_resolutions,
         resolution (nominal input size; only places attention), in_channels, out_ch, z_channels, embed_dim, double_z,
-        dropout, decoder_attn_resolutions, use_variational. Other keys (recon_loss, kl_weight, scale_factor, ...) are
+        dropout, decoder_attn_resolutions, use_variational, num_groups. Other keys (recon_loss, kl_weight, scale_factor, ...) are
         ignored here.
         """
         model = config.model if "model" in config else config
@@ -232,7 +241,8 @@ class AutoencoderKL(nn.Module):
         defaults = cls.__dataclass_fields__
         kwargs = {}
         for name in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "in_channels", "out_ch",
-                     "z_channels", "embed_dim", "double_z", "dropout", "decoder_attn_resolutions", "use_variational"):
+                     "z_channels", "embed_dim", "double_z", "dropout", "decoder_attn_resolutions", "use_variational",
+                     "num_groups"):
             value = get(name, defaults[name].default)
             kwargs[name] = tuple(value) if isinstance(value, (list, tuple)) else value
         return cls(dtype=jnp.dtype(top("compute_dtype", "float32")),

@@ -61,27 +61,29 @@ class MSVQEncoder(nn.Module):
     using_sa: bool = True
     using_mid_sa: bool = True
     dropout: float = 0.0
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gn = dict(num_groups=self.num_groups, **kw)
         det = not train
         n = len(self.ch_mult)
         h = Conv(self.ch, 3, padding=1, name="conv_in", **kw)(x)
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * mult, dropout=self.dropout, name=f"down_{i}_block_{j}", **kw)(h, det)
+                h = ResnetBlock(self.ch * mult, dropout=self.dropout, name=f"down_{i}_block_{j}", **gn)(h, det)
                 if i == n - 1 and self.using_sa:
-                    h = AttnBlock(fused_qkv=True, name=f"down_{i}_attn_{j}", **kw)(h)
+                    h = AttnBlock(fused_qkv=True, name=f"down_{i}_attn_{j}", **gn)(h)
             if i != n - 1:
                 h = Downsample(name=f"down_{i}_downsample", **kw)(h)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_1", **kw)(h, det)
+        h = ResnetBlock(dropout=self.dropout, name="mid_block_1", **gn)(h, det)
         if self.using_mid_sa:
-            h = AttnBlock(fused_qkv=True, name="mid_attn_1", **kw)(h)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_2", **kw)(h, det)
-        h = swish(GroupNorm(name="norm_out", **kw)(h))
+            h = AttnBlock(fused_qkv=True, name="mid_attn_1", **gn)(h)
+        h = ResnetBlock(dropout=self.dropout, name="mid_block_2", **gn)(h, det)
+        h = swish(GroupNorm(name="norm_out", **gn)(h))
         return Conv(self.z_channels, 3, padding=1, name="conv_out", **kw)(h)
 
 
@@ -93,27 +95,29 @@ class MSVQDecoder(nn.Module):
     using_sa: bool = True
     using_mid_sa: bool = True
     dropout: float = 0.0
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gn = dict(num_groups=self.num_groups, **kw)
         det = not train
         n = len(self.ch_mult)
         h = Conv(self.ch * self.ch_mult[-1], 3, padding=1, name="conv_in", **kw)(z)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_1", **kw)(h, det)
+        h = ResnetBlock(dropout=self.dropout, name="mid_block_1", **gn)(h, det)
         if self.using_mid_sa:
-            h = AttnBlock(fused_qkv=True, name="mid_attn_1", **kw)(h)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_2", **kw)(h, det)
+            h = AttnBlock(fused_qkv=True, name="mid_attn_1", **gn)(h)
+        h = ResnetBlock(dropout=self.dropout, name="mid_block_2", **gn)(h, det)
         for i in reversed(range(n)):
             for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(self.ch * self.ch_mult[i], dropout=self.dropout, name=f"up_{i}_block_{j}", **kw)(h, det)
+                h = ResnetBlock(self.ch * self.ch_mult[i], dropout=self.dropout, name=f"up_{i}_block_{j}", **gn)(h, det)
                 if i == n - 1 and self.using_sa:
-                    h = AttnBlock(fused_qkv=True, name=f"up_{i}_attn_{j}", **kw)(h)
+                    h = AttnBlock(fused_qkv=True, name=f"up_{i}_attn_{j}", **gn)(h)
             if i != 0:
                 h = Upsample(name=f"up_{i}_upsample", **kw)(h)
-        h = swish(GroupNorm(name="norm_out", **kw)(h))
+        h = swish(GroupNorm(name="norm_out", **gn)(h))
         return Conv(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)
 
 
@@ -140,6 +144,7 @@ class VQVAE(nn.Module):
     using_sa: bool = True
     using_mid_sa: bool = True
     dropout: float = 0.0
+    num_groups: int = 32  # official 32; tiny configs need fewer (channels must divide)
     beta: float = 0.25
     using_znorm: bool = False
     quant_conv_ks: int = 3
@@ -153,7 +158,7 @@ class VQVAE(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks, using_sa=self.using_sa,
-                    using_mid_sa=self.using_mid_sa, dropout=self.dropout, **kw)
+                    using_mid_sa=self.using_mid_sa, dropout=self.dropout, num_groups=self.num_groups, **kw)
         self.encoder = MSVQEncoder(z_channels=self.z_channels, **arch)
         self.decoder = MSVQDecoder(out_channels=self.in_channels, **arch)
         pad = self.quant_conv_ks // 2

@@ -169,6 +169,8 @@ class Trainer:
         stopped = False
         logger.start(start)
         step = start
+        # Testing hook for preemption / kill paths: makes each step take at least this long.
+        step_delay = float(os.environ.get("JAXGEN_STEP_DELAY_S", "0") or 0)
         with _SignalFlag() as sigterm, self.mesh_context():
             while step < config.total_steps:
                 local = next(data_iter)
@@ -176,6 +178,8 @@ class Trainer:
                 self.state, metrics = step_fn(self.state, batch, self.frozen)
                 pending.append(metrics)
                 step += 1
+                if step_delay:
+                    time.sleep(step_delay)
                 last = step == config.total_steps
                 if step % config.log_every == 0 or last:
                     self._check_finite(last_good)

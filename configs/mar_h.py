@@ -1,0 +1,6 @@
+"""MAR-H on ImageNet 256 (paper Table 4 settings). Variants: `:cached`, `:nocfg`, `:folder` (comma separated)."""
+from configs.mar_common import mar_config
+
+
+def get_config(arg=None):
+    return mar_config("h", arg)

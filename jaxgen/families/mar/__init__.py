@@ -1,0 +1,1 @@
+"""MAR family: model, training loss, sampler and mask schedule."""

@@ -1,0 +1,248 @@
+"""MAR (Li et al. 2024): MAE-style bidirectional encoder/decoder over continuous tokens + a per-token diffusion head.
+
+Static shapes. The official encoder DROPS masked tokens (ragged across calls, same count per row). Here:
+- default: the encoder keeps the full length (buffer + seq_len) and masked tokens are excluded as attention keys.
+  Visible rows then equal the official outputs (attention is permutation-equivariant; only float rounding differs).
+  Masked rows of the encoder output hold arbitrary values: they attend to the visible tokens but are never attended
+  to, and the decoder overwrites them with `mask_token`.
+- `num_keep=K` (static int): the encoder gathers the buffer + the first K visible tokens of each row (in position
+  order), runs on that shorter sequence and scatters back (masked rows = 0). Exact as long as every row has
+  <= K visible tokens; training with mask ratio >= 0.7 can use `max_visible(seq_len, 0.7)` and run ~3x cheaper.
+The decoder always runs on the full length, as the official one does.
+
+Token layout: jaxgen latents are NHWC (B, h, w, C); `patchify` orders token channels (c, p, q) like the official
+NCHW patchify, so converted weights (z_proj, diffusion head) apply unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
+from jaxgen.nn.layers import Dense, Dtype, Embed, LayerNorm, constrain, with_axes
+from jaxgen.nn.transformer import BlockStack
+
+# config.model fields that map one-to-one onto MAR attributes.
+MODEL_FIELDS = ("img_size", "vae_stride", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
+                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "vae_embed_dim", "class_num",
+                "buffer_size", "label_drop_prob", "attn_dropout", "proj_dropout", "diffloss_d", "diffloss_w",
+                "norm_eps")
+
+_normal02 = nn.initializers.normal(0.02)
+
+
+def max_visible(seq_len: int, mask_ratio_min: float) -> int:
+    """Most visible tokens a row can have when at least ceil(seq_len * mask_ratio_min) are masked.
+
+    One token of slack guards against a ratio drawn a hair below mask_ratio_min in float32.
+    """
+    return min(seq_len, seq_len - math.ceil(seq_len * mask_ratio_min) + 1)
+
+
+def patchify(latents, patch_size: int):
+    """(B, h, w, C) NHWC latents -> (B, L, C*p*p) tokens; token index = row-major patch, channels (c, p, q)."""
+    b, h, w, c = latents.shape
+    p = patch_size
+    x = latents.reshape(b, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4)  # b, h', w', c, p, q
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens, patch_size: int, channels: int):
+    """(B, L, C*p*p) -> (B, h, w, C) NHWC; inverse of `patchify` (square token grid)."""
+    b, seq_len = tokens.shape[:2]
+    p, c, s = patch_size, channels, math.isqrt(seq_len)
+    x = tokens.reshape(b, s, s, c, p, p).transpose(0, 1, 4, 2, 5, 3)  # b, h', p, w', q, c
+    return x.reshape(b, s * p, s * p, c)
+
+
+class MAR(nn.Module):
+    img_size: int = 256
+    vae_stride: int = 16
+    patch_size: int = 1
+    encoder_embed_dim: int = 1024
+    encoder_depth: int = 16
+    encoder_num_heads: int = 16
+    decoder_embed_dim: int = 1024
+    decoder_depth: int = 16
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    vae_embed_dim: int = 16
+    class_num: int = 1000
+    buffer_size: int = 64
+    label_drop_prob: float = 0.1
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    diffloss_d: int = 3
+    diffloss_w: int = 1024
+    norm_eps: float = 1e-6  # blocks and encoder/decoder norms (z_proj_ln is always 1e-6, as official)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
+    remat: bool = False
+    scan_layers: bool = False
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "MAR":
+        """Build from a run config: config.model fields, config.{compute_dtype, param_dtype, remat, attention_impl,
+        scan_layers}. Fields absent from config.model keep the class defaults."""
+        m = config.model
+        kw = {f: m[f] for f in MODEL_FIELDS if f in m}
+        kw.update(dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+                  param_dtype=jnp.dtype(config.get("param_dtype", "float32")),
+                  attention_impl=config.get("attention_impl", "auto"),
+                  remat=bool(config.get("remat", False)),
+                  scan_layers=bool(config.get("scan_layers", False)))
+        kw.update(overrides)
+        return cls(**kw)
+
+    # ---- static sizes -------------------------------------------------------------------------------------------
+    @property
+    def seq_h(self) -> int:
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.seq_h * self.seq_h
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size ** 2
+
+    def _block_kwargs(self, dim, heads):
+        return dict(dim=dim, num_heads=heads, mlp_ratio=self.mlp_ratio, qkv_bias=True, norm_eps=self.norm_eps,
+                    attn_drop=self.attn_dropout, proj_drop=self.proj_dropout, act="gelu_exact",
+                    attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def setup(self):
+        d, dd = self.encoder_embed_dim, self.decoder_embed_dim
+        total = self.buffer_size + self.seq_len
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.class_emb = Embed(self.class_num, d, axes=("classes", "embed"), embedding_init=_normal02, **kw)
+        self.fake_latent = self.param("fake_latent", with_axes(_normal02, (None, "embed")), (1, d), self.param_dtype)
+        # encoder
+        self.z_proj = Dense(d, axes=("latent", "embed"), **kw)
+        self.z_proj_ln = LayerNorm(1e-6, **kw)
+        self.encoder_pos_embed_learned = self.param(
+            "encoder_pos_embed_learned", with_axes(_normal02, (None, None, "embed")), (1, total, d), self.param_dtype)
+        self.encoder_blocks = BlockStack(self.encoder_depth, self._block_kwargs(d, self.encoder_num_heads),
+                                         remat=self.remat, scan=self.scan_layers)
+        self.encoder_norm = LayerNorm(self.norm_eps, **kw)
+        # decoder ('embed' on one side only: a dim may appear once in a sharding spec)
+        self.decoder_embed = Dense(dd, axes=("embed", None), **kw)
+        self.mask_token = self.param("mask_token", with_axes(_normal02, (None, None, "embed")), (1, 1, dd),
+                                     self.param_dtype)
+        self.decoder_pos_embed_learned = self.param(
+            "decoder_pos_embed_learned", with_axes(_normal02, (None, None, "embed")), (1, total, dd), self.param_dtype)
+        self.decoder_blocks = BlockStack(self.decoder_depth, self._block_kwargs(dd, self.decoder_num_heads),
+                                         remat=self.remat, scan=self.scan_layers)
+        self.decoder_norm = LayerNorm(self.norm_eps, **kw)
+        self.diffusion_pos_embed_learned = self.param(
+            "diffusion_pos_embed_learned", with_axes(_normal02, (None, None, "embed")), (1, self.seq_len, dd),
+            self.param_dtype)
+        # per-token diffusion denoiser: predicts eps and the variance interpolation (2 x token_dim)
+        self.diffloss = SimpleMLPAdaLN(in_channels=self.token_dim, model_channels=self.diffloss_w,
+                                       out_channels=2 * self.token_dim, z_channels=dd,
+                                       num_res_blocks=self.diffloss_d, **kw)
+
+    # ---- tokens <-> latents -------------------------------------------------------------------------------------
+    def patchify(self, latents):
+        return patchify(latents, self.patch_size)
+
+    def unpatchify(self, tokens):
+        return unpatchify(tokens, self.patch_size, self.vae_embed_dim)
+
+    # ---- conditioning -------------------------------------------------------------------------------------------
+    def class_embedding(self, labels):
+        return self.class_emb(labels)
+
+    def null_embedding(self, batch: int):
+        """The learned null class (`fake_latent`) for CFG's unconditional branch, (batch, D)."""
+        return jnp.broadcast_to(self.fake_latent.astype(self.dtype), (batch, self.encoder_embed_dim))
+
+    def _visible_with_buffer(self, mask):
+        """(B, L) mask (1 / True = masked) -> (B, buffer + L) bool, True = visible; buffer always visible."""
+        masked = jnp.asarray(mask).astype(bool)
+        buf = jnp.ones((masked.shape[0], self.buffer_size), bool)
+        return jnp.concatenate([buf, ~masked], axis=1)
+
+    # ---- encoder / decoder --------------------------------------------------------------------------------------
+    def forward_mae_encoder(self, tokens, mask, class_emb, train: bool = False, num_keep: Optional[int] = None):
+        """tokens (B, L, Ct), mask (B, L) 1 = masked, class_emb (B, D) -> (B, buffer + L, D).
+
+        Label drop (p = label_drop_prob, replace by fake_latent) happens here when `train`, with the 'dropout' rng,
+        as in the official encoder. Rows of masked tokens in the output are arbitrary (see module docstring).
+        """
+        b = tokens.shape[0]
+        d = self.encoder_embed_dim
+        x = self.z_proj(tokens)
+        if train and self.label_drop_prob > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), (b,)) < self.label_drop_prob
+            class_emb = jnp.where(drop[:, None], self.fake_latent.astype(jnp.float32),
+                                  class_emb.astype(jnp.float32))
+        buf = jnp.broadcast_to(class_emb.astype(x.dtype)[:, None, :], (b, self.buffer_size, d))
+        x = jnp.concatenate([buf, x], axis=1) + self.encoder_pos_embed_learned.astype(x.dtype)
+        x = self.z_proj_ln(x)
+        x = constrain(x, ("batch", "length", "embed"))
+        visible = self._visible_with_buffer(mask)
+
+        if num_keep is None or num_keep >= self.seq_len:
+            x = self.encoder_blocks(x, visible[:, None, None, :], not train)
+            return self.encoder_norm(x)
+
+        # Gather buffer + num_keep tokens, visible first in increasing position (stable sort keeps the order).
+        idx = jnp.argsort((~visible).astype(jnp.int32), axis=1, stable=True)[:, :self.buffer_size + num_keep]
+        xg = jnp.take_along_axis(x, idx[..., None], axis=1)
+        keys = jnp.take_along_axis(visible, idx, axis=1)
+        xg = self.encoder_norm(self.encoder_blocks(xg, keys[:, None, None, :], not train))
+        out = jnp.zeros((b, x.shape[1], d), xg.dtype)
+        return out.at[jnp.arange(b)[:, None], idx].set(xg)
+
+    def forward_mae_decoder(self, x, mask, train: bool = False):
+        """Encoder output (B, buffer + L, D) -> z (B, L, Dd): masked slots -> mask_token, decoder, + diffusion pos."""
+        x = self.decoder_embed(x)
+        visible = self._visible_with_buffer(mask)
+        x = jnp.where(visible[..., None], x, self.mask_token.astype(x.dtype))
+        x = x + self.decoder_pos_embed_learned.astype(x.dtype)
+        x = self.decoder_blocks(x, None, not train)
+        x = self.decoder_norm(x)
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned.astype(x.dtype)
+
+    def __call__(self, tokens, labels, mask, train: bool = False, num_keep: Optional[int] = None):
+        """tokens (B, L, Ct), labels (B,) int, mask (B, L) 1 = masked -> z (B, L, Dd) (label drop when train)."""
+        if self.is_initializing():
+            # Create the diffusion head's params too, so `init` with the default method gives the whole tree.
+            self.denoise(jnp.zeros((1, self.token_dim), self.dtype), jnp.zeros((1,), jnp.int32),
+                         jnp.zeros((1, self.decoder_embed_dim), self.dtype))
+        x = self.forward_mae_encoder(tokens, mask, self.class_embedding(labels), train=train, num_keep=num_keep)
+        return self.forward_mae_decoder(x, mask, train=train)
+
+    # ---- diffusion head -----------------------------------------------------------------------------------------
+    def denoise(self, x_t, t, c):
+        """SimpleMLPAdaLN: x_t (N, Ct), t (N,) original timestep indices, c (N, Dd) -> (N, 2*Ct) [eps | var]."""
+        return self.diffloss(x_t, t, c)
+
+    def denoise_with_cfg(self, x_t, t, c, cfg_scale):
+        """Official forward_with_cfg: rows are [cond half; uncond half] sharing x_t; eps mixed, variance kept."""
+        return self.diffloss.forward_with_cfg(x_t, t, c, cfg_scale)
+
+
+def dummy_inputs(model: MAR, batch: int = 1):
+    tokens = jnp.zeros((batch, model.seq_len, model.token_dim), model.dtype)
+    labels = jnp.zeros((batch,), jnp.int32)
+    mask = jnp.zeros((batch, model.seq_len), jnp.float32)
+    return tokens, labels, mask
+
+
+def init_params(model: MAR, rng: jax.Array):
+    """Boxed params (logical-axis metadata kept) of the whole MAR incl. the diffusion head."""
+    return model.init({"params": rng}, *dummy_inputs(model))["params"]
+
+
+def abstract_params(model: MAR):
+    """Unboxed ShapeDtypeStructs of the params, no allocation (for converters and manifests)."""
+    return nn.meta.unbox(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))))

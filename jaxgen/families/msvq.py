@@ -1,0 +1,110 @@
+"""VAR's multi-scale VQ tokenizer as a trainable family (the official repo never released this training code).
+
+config.model: the VQVAE fields (`jaxgen.tokenizers.msvq.VQVAE`: vocab_size, z_channels, ch, ch_mult, num_res_blocks,
+num_groups, using_sa, using_mid_sa, beta, quant_resi, share_quant_resi, v_patch_nums, ...) plus
+  recon_loss        'l2' (VAR's pixel term, per the VAR paper's tokenizer description) | 'l1'   default 'l2'
+  vq_weight         weight of the multi-scale VQ loss (commitment beta inside)               default 1.0
+  dead_code_weight  weight of the dead-code pull: codes unused in the batch are pulled towards
+                    random encoder features (stop-gradient), so they re-enter the data         default 0.1
+Loss = recon + vq_weight * vq + dead_code_weight * dead + extra_losses (hook for LPIPS / GAN terms).
+Metrics: recon_mse, vq_loss, dead_code, code_usage (fraction of the codebook hit in the batch, all scales),
+usage_last_scale, perplexity.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.errors import ConfigError
+from jaxgen.families.base import Batch, Family, Metrics, Params
+from jaxgen.nn.quantizer import dead_code_loss, perplexity, usage_fraction
+from jaxgen.tokenizers.msvq import VQVAE, vqvae_from_config
+
+
+class MSVQFamily(Family):
+    name = "msvq"
+    batch_keys = ("image", "label")
+    tokenizer = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        model_cfg = config.model if "model" in config else config
+        dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+        param_dtype = jnp.dtype(config.get("param_dtype", "float32"))
+        self.model: VQVAE = vqvae_from_config(model_cfg, dtype=dtype, param_dtype=param_dtype)
+        self.recon_loss = str(model_cfg.get("recon_loss", "l2")).lower()
+        if self.recon_loss not in ("l1", "l2"):
+            raise ConfigError(f"config.model.recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
+        self.vq_weight = float(model_cfg.get("vq_weight", 1.0))
+        self.dead_code_weight = float(model_cfg.get("dead_code_weight", 0.1))
+        data = config.get("data")
+        stride = 2 ** (len(self.model.ch_mult) - 1)
+        self.image_size = int(data.image_size) if data is not None and "image_size" in data else \
+            self.model.v_patch_nums[-1] * stride
+        channels = int(data.channels) if data is not None and "channels" in data else self.model.in_channels
+        if channels != self.model.in_channels:
+            raise ConfigError(f"config.data.channels={channels} but the VQVAE has in_channels={self.model.in_channels}")
+        if self.image_size != self.model.v_patch_nums[-1] * stride:
+            raise ConfigError(f"image size {self.image_size} must equal the last patch number "
+                              f"{self.model.v_patch_nums[-1]} x the VQVAE stride {stride} (config.model.v_patch_nums)")
+
+    # --- trainer interface -------------------------------------------------------------------------------------
+    def init(self, rng: jax.Array) -> Params:
+        x = jnp.zeros((1, self.image_size, self.image_size, self.model.in_channels), jnp.float32)
+        return self.model.init({"params": rng}, x, train=False)["params"]
+
+    def loss(self, params: Params, batch: Batch, rng: jax.Array, frozen: Any) -> Tuple[jax.Array, Metrics]:
+        images = batch["image"].astype(jnp.float32)
+        rng_drop, rng_dead, rng_extra = jax.random.split(rng, 3)
+        out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng_drop})
+        err = out["recon"] - images
+        rec = jnp.mean(jnp.abs(err)) if self.recon_loss == "l1" else jnp.mean(jnp.square(err))
+        counts = out["counts"]  # (S, V)
+        total_counts = jnp.sum(counts, axis=0)
+        dead = dead_code_loss(params["codebook"], total_counts, out["f"], rng_dead)
+        extra, extra_metrics = self.extra_losses(params, images, out["recon"], rng_extra, frozen)
+        total = rec + self.vq_weight * out["vq_loss"] + self.dead_code_weight * dead + extra
+        metrics = {"loss": total, "recon_mse": jnp.mean(jnp.square(err)), "vq_loss": out["vq_loss"],
+                   "dead_code": dead, "code_usage": usage_fraction(total_counts),
+                   "usage_last_scale": usage_fraction(counts[-1]), "perplexity": perplexity(total_counts),
+                   **extra_metrics}
+        return total, metrics
+
+    def extra_losses(self, params: Params, images: jax.Array, recon: jax.Array, rng: jax.Array,
+                     frozen: Any) -> Tuple[jax.Array, Metrics]:
+        """Hook for perceptual (LPIPS) / adversarial terms: (scalar added to the loss, extra metrics). Frozen networks
+        (e.g. LPIPS weights) come through `frozen` (supply them via `load_frozen`)."""
+        return jnp.zeros((), jnp.float32), {}
+
+    def weight_decay_mask(self, params: Params) -> Any:
+        # no decay on the codebook (it is pulled by the VQ loss) nor on 1-D params
+        def decay(path, p):
+            return p.ndim >= 2 and "codebook" not in jax.tree_util.keystr(path)
+        return jax.tree_util.tree_map_with_path(decay, params)
+
+    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
+        raise NotImplementedError("msvq is a tokenizer: it has no class-conditional sampler; use reconstruct()")
+
+    def dummy_batch(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
+        s, c = self.image_size, self.model.in_channels
+        return {"image": jax.ShapeDtypeStruct((batch_size, s, s, c), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    # --- tokenizer interface (used by VAR with params in frozen['tokenizer']) ------------------------------------
+    def _apply(self, params, method, *args):
+        return self.model.apply({"params": params}, *args, method=method)
+
+    def img_to_idx(self, params: Params, images: jax.Array) -> List[jax.Array]:
+        return self._apply(params, VQVAE.img_to_idx, images)
+
+    def idx_to_var_input(self, params: Params, idx_list) -> jax.Array:
+        return self._apply(params, VQVAE.idx_to_var_input, idx_list)
+
+    def idx_to_img(self, params: Params, idx_list) -> jax.Array:
+        return self._apply(params, VQVAE.idx_to_img, idx_list)
+
+    def reconstruct(self, params: Params, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """Encode, quantise over every scale and decode; clipped to [-1, 1]."""
+        return self._apply(params, VQVAE.img_to_reconstructed_img, images)

@@ -1,0 +1,59 @@
+"""Helpers for tests that run `python -m jaxgen.main` in subprocesses (fresh JAX runtimes, device counts, signals)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few-second kl_vae run: the fastest real family (single stage, no tokenizer).
+TINY_VAE = [
+    "--config=configs/kl_vae_tiny.py",
+    "--config.batch_size=16",
+    "--config.model.ch=32",
+    "--config.model.ch_mult=(1,2)",
+    "--config.optim.warmup_steps=2",
+    "--config.log_every=5",
+]
+
+
+def env(devices: int = 1, **extra) -> Dict[str, str]:
+    e = dict(os.environ)
+    e["JAX_PLATFORMS"] = "cpu"
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("XLA_FLAGS", None)
+    if devices > 1:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAXGEN_CACHE"] = e.get("JAXGEN_CACHE", os.path.join(REPO, ".pytest_cache", "jaxgen"))
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def main_cmd(args: List[str]) -> List[str]:
+    return [sys.executable, "-m", "jaxgen.main", *args]
+
+
+def run_main(args: List[str], devices: int = 1, timeout: float = 600, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(main_cmd(args), cwd=REPO, env=env(devices, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses(workdir: str) -> Dict[int, float]:
+    """step -> loss from metrics.jsonl (the last record wins when a resumed run re-logs a step)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            out[int(row["step"])] = float(row["loss"])
+    return out
+
+
+def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
+    return (proc.stdout[-n:] if proc.stdout else "") + "\n--- stderr ---\n" + (proc.stderr[-n:] if proc.stderr else "")
+
+
+def error_lines(stderr: str) -> List[str]:
+    return [l for l in stderr.splitlines() if l.startswith("jaxgen: error:")]

@@ -1,0 +1,203 @@
+"""MARFamily: training loss, masking, weight decay and the static-shape sampler (tiny configs, CPU)."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import base_config
+from jaxgen.families.mar import family as fam_mod
+from jaxgen.families.mar.family import MARFamily, cfg_scales, training_mask
+from jaxgen.families.mar.schedule import mar_mask_schedule
+
+
+def tiny_config(source="cached"):
+    c = base_config()
+    c.family = "mar"
+    m = c.model
+    m.img_size, m.vae_stride, m.patch_size, m.vae_embed_dim = 16, 4, 1, 4  # 4x4 = 16 tokens of dim 4
+    m.encoder_embed_dim = m.decoder_embed_dim = 32
+    m.encoder_depth = m.decoder_depth = 1
+    m.encoder_num_heads = m.decoder_num_heads = 2
+    m.mlp_ratio, m.class_num, m.buffer_size = 2.0, 10, 2
+    m.diffloss_d, m.diffloss_w, m.diffusion_batch_mul = 1, 32, 2
+    m.num_sampling_steps = "4"
+    c.data.source = source
+    c.data.image_size, c.data.channels = 16, 1
+    c.sample.num_iter, c.sample.cfg, c.sample.cfg_schedule = 4, 2.0, "linear"
+    c.sample.temperature, c.sample.num_sampling_steps = 1.0, "4"
+    return c
+
+
+@pytest.fixture(scope="module")
+def family():
+    return MARFamily(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def params(family):
+    return nn.meta.unbox(family.init(jax.random.PRNGKey(0)))
+
+
+def _perturbed(params):
+    # The official init zeroes the head's adaLN / output layers, which blocks all gradient into the transformer
+    # at step 0; small noise on every leaf makes every parameter's gradient observable.
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def _batch(family, b=3):
+    shapes = family.dummy_batch(b)
+    rng = jax.random.PRNGKey(2)
+    return {"moments": jax.random.normal(rng, shapes["moments"].shape),
+            "label": jnp.arange(b, dtype=jnp.int32) % 10}
+
+
+def test_dummy_batch_and_keys(family):
+    shapes = family.dummy_batch(5)
+    assert family.batch_keys == ("moments", "label")
+    assert shapes["moments"].shape == (5, 4, 4, 8) and shapes["label"].shape == (5,)
+    img = MARFamily(tiny_config(source="digits"))
+    assert img.batch_keys == ("image", "label")
+    assert img.dummy_batch(2)["image"].shape == (2, 16, 16, 1)
+
+
+def test_loss_finite_and_grads_reach_transformer_and_head(family, params):
+    p = _perturbed(params)
+    batch = _batch(family)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(
+        lambda q: family.loss(q, batch, jax.random.PRNGKey(3), {}), has_aux=True))(p)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert 0.7 <= float(metrics["mask_ratio"]) <= 1.0
+    norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(g)) for k, g in
+             jax.tree_util.tree_flatten_with_path(grads)[0]}
+    assert all(np.isfinite(v) for v in norms.values())
+    for frag in ("z_proj", "encoder_blocks", "decoder_blocks", "decoder_pos_embed_learned", "mask_token",
+                 "diffusion_pos_embed_learned", "class_emb", "diffloss"):
+        assert max(v for k, v in norms.items() if frag in k) > 0, frag
+    # Same rng -> same loss (deterministic given rng); different rng -> different draw.
+    l2, _ = family.loss(p, batch, jax.random.PRNGKey(3), {})
+    l3, _ = family.loss(p, batch, jax.random.PRNGKey(4), {})
+    np.testing.assert_allclose(float(l2), float(loss), rtol=1e-5)
+    assert float(l3) != float(loss)
+
+
+@pytest.mark.parametrize("seq_len", [16, 256])
+def test_mask_count_is_ceil_of_ratio(seq_len):
+    masks, ratios = jax.jit(jax.vmap(lambda k: training_mask(k, 4, seq_len)))(
+        jax.random.split(jax.random.PRNGKey(5), 64))
+    masks, ratios = np.asarray(masks), np.asarray(ratios)
+    assert len(np.unique(ratios)) > 50  # several different ratios
+    for m, r in zip(masks, ratios):
+        counts = m.sum(axis=1)
+        assert (counts == math.ceil(seq_len * float(r))).all(), (counts, r)
+    # Orders differ per row: the masked sets are not all equal.
+    assert any(not (m == m[0]).all() for m in masks)
+
+
+def test_mask_ratio_distribution():
+    r = np.asarray(jax.jit(jax.vmap(fam_mod.sample_mask_ratio))(jax.random.split(jax.random.PRNGKey(6), 20000)))
+    assert r.min() >= 0.7 and r.max() <= 1.0
+    # TruncNormal(mean 1, std .25) on [0.7, 1]: mean = 1 + .25 * (phi(-1.2) - phi(0)) / (Phi(0) - Phi(-1.2)).
+    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    expected = 1 + 0.25 * (phi(-1.2) - phi(0.0)) / (Phi(0.0) - Phi(-1.2))
+    assert abs(r.mean() - expected) < 0.003, (r.mean(), expected)
+
+
+def test_weight_decay_mask(family, params):
+    mask = family.weight_decay_mask(params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    for key, decay in flat.items():
+        if "diffloss" in key or key.endswith("['bias']") or key.endswith("['scale']"):
+            assert not decay, key
+    for name in ("fake_latent", "mask_token", "encoder_pos_embed_learned", "decoder_pos_embed_learned",
+                 "diffusion_pos_embed_learned"):
+        assert flat[f"['{name}']"], name
+    assert flat["['class_emb']['embedding']"]
+    assert flat["['z_proj']['kernel']"]
+    assert any(v for k, v in flat.items() if "encoder_blocks" in k and k.endswith("['kernel']"))
+    assert any("diffloss" in k and k.endswith("['kernel']") for k in flat)  # head kernels exist and are excluded
+
+
+def test_sample_tokens_compiles_once_and_is_finite(family, params, monkeypatch):
+    traces = {"fn": 0, "head": 0}
+    real = fam_mod.diffloss_sample
+
+    def counting_sample(*a, **k):
+        traces["head"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(fam_mod, "diffloss_sample", counting_sample)
+
+    def run(p, labels, rng):
+        traces["fn"] += 1
+        return family.sample_tokens(p, labels, rng, num_iter=4, cfg=2.0, cfg_schedule="linear", temperature=1.0,
+                                    num_sampling_steps="4")
+
+    fn = jax.jit(run)
+    p = _perturbed(params)
+    a = fn(p, jnp.array([1, 2], jnp.int32), jax.random.PRNGKey(7))
+    b = fn(p, jnp.array([3, 4], jnp.int32), jax.random.PRNGKey(8))
+    assert traces == {"fn": 1, "head": 1}  # one trace, and the step body (one fori_loop) traced once
+    assert a.shape == b.shape == (2, 4, 4, 4)
+    assert np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    # Without CFG too.
+    c = jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=3, cfg=1.0, num_sampling_steps="4"))(
+        p, jnp.array([5, 6, 7], jnp.int32), jax.random.PRNGKey(9))
+    assert c.shape == (3, 4, 4, 4) and np.isfinite(np.asarray(c)).all()
+
+
+def _marking_sampler(value_fn):
+    """Stand-in for diffloss_sample: every row sampled in a step gets one value, so a position's final token tells
+    which step wrote it."""
+
+    def fake(net, z, rng, diffusion, temperature=1.0, cfg=1.0, guided=None, channels=None, **_):
+        return jnp.broadcast_to(jnp.asarray(value_fn(rng, cfg), jnp.float32), (z.shape[0], channels))
+
+    return fake
+
+
+def test_cfg_linear_schedule_per_step(family, params, monkeypatch):
+    seq_len, num_iter, cfg = 16, 4, 3.0
+    mask_len, num_pred = mar_mask_schedule(seq_len, num_iter)
+    np.testing.assert_array_equal(mask_len, [14, 11, 6, 1])  # the parity fixture's schedule1
+    np.testing.assert_array_equal(num_pred, [2, 3, 5, 6])
+    expected = [1 + (cfg - 1) * (seq_len - m) / seq_len for m in mask_len]
+    np.testing.assert_allclose(cfg_scales(mask_len, seq_len, cfg, "linear"), expected, rtol=1e-6)
+    np.testing.assert_allclose(cfg_scales(mask_len, seq_len, cfg, "constant"), [cfg] * num_iter)
+
+    # In the sampler: the tokens written at step k carry step k's cfg scale, and there are num_pred[k] of them.
+    monkeypatch.setattr(fam_mod, "diffloss_sample", _marking_sampler(lambda rng, c: c))
+    out = jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=num_iter, cfg=cfg, cfg_schedule="linear",
+                                                       num_sampling_steps="4"))(
+        params, jnp.array([0, 1, 2], jnp.int32), jax.random.PRNGKey(10))
+    tokens = np.asarray(out).reshape(3, seq_len, -1)
+    for row in tokens:
+        assert (row == row[:, :1]).all()
+        values, counts = np.unique(row[:, 0], return_counts=True)
+        np.testing.assert_allclose(values, sorted(expected), rtol=1e-6)
+        np.testing.assert_array_equal(counts, [num_pred[expected.index(v)] for v in sorted(expected)])
+    # Different samples use different orders.
+    assert not (tokens[0] == tokens[1]).all()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_one_token_per_step_when_num_iter_equals_seq_len(family, params, monkeypatch, cfg):
+    seq_len = family.seq_len
+    _, num_pred = mar_mask_schedule(seq_len, seq_len)
+    assert (num_pred == 1).all()
+    # Each step's rng is distinct, so distinct values <=> distinct steps wrote them.
+    monkeypatch.setattr(fam_mod, "diffloss_sample",
+                        _marking_sampler(lambda rng, c: 1.0 + jax.random.uniform(rng, ())))
+    out = jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=seq_len, cfg=cfg, num_sampling_steps="4"))(
+        params, jnp.array([3, 4], jnp.int32), jax.random.PRNGKey(11))
+    tokens = np.asarray(out).reshape(2, seq_len, -1)[..., 0]
+    for row in tokens:
+        assert (row >= 1.0).all()  # every position written
+        assert len(np.unique(row)) == seq_len  # by seq_len different steps: one token per step
