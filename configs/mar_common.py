@@ -81,7 +81,6 @@ def mar_config(size: str, arg=None):
     m.diffloss_w = s["diffloss_w"]
     m.diffusion_batch_mul = 4
     m.mask_ratio_min = 0.7
-    c.tokenizer_scale = 0.2325  # 1 / std of KL-16 ImageNet latents (no mean shift)
 
     o = c.optim
     o.name = "adamw"
@@ -100,7 +99,7 @@ def mar_config(size: str, arg=None):
         _imagenet_data(c.tokenizer.config, folder=True)
     if "cached" in variants:
         c.data.source = "cached"  # moments of each crop and its flip; the loss samples the posterior
-        c.data.random_flip = False  # the cache holds both flips
+        # random_flip stays on: the cache holds the moments of each crop and its flip, one is picked with p 0.5
 
     sp = c.sample
     sp.num_iter = 256

@@ -81,7 +81,7 @@ def _in_memory(source) -> bool:
 class _Augment:
     """Per-example random choices (grain random_map: the rng depends only on the seed and the position).
 
-    Images: horizontal flip with p 0.5 when enabled. Latent cache: the flipped image's moments with p 0.5.
+    With data.random_flip: images flipped horizontally with p 0.5, or (latent cache) the flipped image's moments.
     Also drops keys the model did not ask for.
     """
 
@@ -96,8 +96,8 @@ class _Augment:
             v = example[k]
             if k == "image" and self.random_flip and flip:
                 v = v[:, ::-1]
-            elif k == "moments" and flip:
-                v = example["moments_flip"]
+            elif k == "moments" and self.random_flip and flip:
+                v = example["moments_flip"]  # the cache holds the flipped image's moments too
             out[k] = v
         return out
 

@@ -1,0 +1,87 @@
+"""The default job: the whole MAR pipeline on the bundled 32x32 MNIST digits, from scratch on a 2-core CPU.
+
+Stage 1 trains `kl_vae_tiny` (32x32x1 <-> 8x8x4 latents) in <workdir>/tokenizer, the latents of every digit and its
+flip are cached once (`--mode=cache`, done automatically), and stage 2 trains a small MAR on them. Same model, loss
+and sampler as the paper configs; only sizes and the schedule are scaled down.
+
+Variants (`configs/mar_tiny.py:<arg>`):
+  runlocal  a few steps of each stage (smoke test of the whole pipeline in about a minute)
+"""
+from configs import kl_vae_tiny
+from configs.common import base_config
+
+VARIANTS = ("runlocal",)
+
+
+def get_config(arg=None):
+    variants = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    bad = variants - set(VARIANTS)
+    if bad:
+        raise ValueError(f"unknown mar_tiny variant(s) {sorted(bad)}; choose from {VARIANTS}")
+
+    c = base_config()
+    c.family = "mar"
+    c.batch_size = 128
+    c.total_steps = 6000
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.sample_every = 2000
+
+    m = c.model
+    m.img_size = 32  # pixels; latents are img_size / vae_stride = 8 per side
+    m.vae_stride = 4
+    m.patch_size = 1  # 64 tokens of dim 4
+    m.vae_embed_dim = 4
+    m.encoder_embed_dim = m.decoder_embed_dim = 128
+    m.encoder_depth = m.decoder_depth = 3
+    m.encoder_num_heads = m.decoder_num_heads = 4
+    m.mlp_ratio = 4.0
+    m.norm_eps = 1e-6
+    m.class_num = 10
+    m.buffer_size = 8
+    m.label_drop_prob = 0.1
+    m.attn_dropout = 0.0  # tiny data, few steps: dropout only slows learning here
+    m.proj_dropout = 0.0
+    m.diffloss_d = 3
+    m.diffloss_w = 256
+    m.diffusion_batch_mul = 4
+    m.num_sampling_steps = "100"
+
+    o = c.optim
+    o.lr = 1e-3
+    o.b1, o.b2 = 0.9, 0.95
+    o.weight_decay = 0.02
+    o.schedule = "cosine"
+    o.warmup_steps = 200
+    o.end_factor = 0.05
+    o.grad_clip = 3.0
+    o.ema_decay = 0.999
+
+    c.data.source = "cached"  # MAR's paper setup: moments of each digit and its flip, cached by --mode=cache
+    c.data.image_size = 32
+    c.data.channels = 1
+    c.data.num_classes = 10
+    c.data.random_flip = False  # digits are not mirror-symmetric
+
+    c.tokenizer.config = kl_vae_tiny.get_config()
+
+    s = c.sample
+    s.num_iter = 16
+    s.cfg = 3.0
+    s.cfg_schedule = "linear"
+    s.temperature = 1.0
+    s.num_sampling_steps = "50"
+    s.num_per_class = 100
+    s.batch_size = 250
+    s.use_ema = True
+
+    if "runlocal" in variants:
+        c.total_steps, c.log_every, c.checkpoint_every, c.sample_every = 20, 5, 10, 0
+        c.optim.warmup_steps = 5
+        c.tokenizer.config.total_steps = 20
+        c.tokenizer.config.log_every = 5
+        c.tokenizer.config.checkpoint_every = 10
+        c.sample.num_per_class = 4
+        c.sample.num_iter = 4
+        c.sample.num_sampling_steps = "10"
+    return c
