@@ -15,12 +15,23 @@ from jaxgen.diffusion.gaussian import GaussianDiffusion
 Net = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def diffloss_loss(net: Net, target, z, mask: Optional[jax.Array], rng: jax.Array,
-                  diffusion: GaussianDiffusion) -> jax.Array:
-    """Scalar loss: t ~ U{0..T-1} and eps ~ N(0, I) per row; mean over rows, or sum(loss*mask)/sum(mask)."""
-    t_rng, noise_rng = jax.random.split(rng)
-    t = jax.random.randint(t_rng, (target.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(noise_rng, target.shape, jnp.float32)
+def diffloss_loss(net: Net, target, z, mask: Optional[jax.Array], rng: Optional[jax.Array],
+                  diffusion: GaussianDiffusion, *, t: Optional[jax.Array] = None,
+                  noise: Optional[jax.Array] = None) -> jax.Array:
+    """Scalar loss: t ~ U{0..T-1} and eps ~ N(0, I) per row; mean over rows, or sum(loss*mask)/sum(mask).
+
+    `t` ((N,) respaced indices) and `noise` ((N, C)) replace the random draws (parity tests); `rng` may be None
+    when both are given.
+    """
+    if rng is None and (t is None or noise is None):
+        raise ValueError("diffloss_loss needs rng unless both t and noise are given")
+    t_rng, noise_rng = jax.random.split(rng) if rng is not None else (None, None)
+    if t is None:
+        t = jax.random.randint(t_rng, (target.shape[0],), 0, diffusion.num_timesteps)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, target.shape, jnp.float32)
+    t = jnp.asarray(t).astype(jnp.int32)
+    noise = jnp.asarray(noise, jnp.float32)
     terms = diffusion.training_losses(lambda x, ts: net(x, ts, z), target.astype(jnp.float32), t, noise)
     loss = terms["loss"]
     if mask is not None:

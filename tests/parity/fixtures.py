@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -44,11 +45,26 @@ class Fixture:
     meta: dict
     directory: str
 
+    def _file(self, key: str) -> Optional[str]:
+        """The npz named by meta[key]; the value may carry a note ("mar_weights.npz (keys under ...)").
+        A fixture whose JSON has no `io_file` uses `<name>_io.npz`."""
+        value = self.meta.get(key)
+        names = re.findall(r"[\w.-]+\.npz", str(value)) if value else []
+        if not value and key == "io_file":
+            names = [f"{self.name}_io.npz"]
+        for fname in names:
+            path = os.path.join(self.directory, fname)
+            if os.path.exists(path):
+                return path
+        if value:
+            raise FileNotFoundError(f"fixture {self.name}: {key} {value!r} not found in {self.directory}")
+        return None
+
     def _load(self, key: str) -> Dict[str, np.ndarray]:
-        fname = self.meta.get(key)
-        if not fname:
+        path = self._file(key)
+        if not path:
             return {}
-        with np.load(os.path.join(self.directory, fname)) as z:
+        with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
     @property
