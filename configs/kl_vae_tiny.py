@@ -9,13 +9,13 @@ def get_config(arg=None):
     c = base_config()
     c.family = "kl_vae"
     c.batch_size = 64
-    c.total_steps = 3000
+    c.total_steps = 1200  # ~17 epochs: recon MSE ~0.006 on [-1, 1] (4-5 min on 2 CPU cores)
     c.log_every = 100
-    c.checkpoint_every = 1000
+    c.checkpoint_every = 400
 
     m = c.model
-    m.ch = 16
-    m.num_groups = 8
+    m.ch = 8
+    m.num_groups = 4
     m.ch_mult = (1, 2, 2)
     m.num_res_blocks = 1
     m.attn_resolutions = ()
@@ -29,9 +29,11 @@ def get_config(arg=None):
     m.dropout = 0.0
     m.recon_loss = "l1"
     m.kl_weight = 1e-4
-    m.scale_factor = 1.0
+    # 1 / std of this VAE's digit latents (measured 1.37 after the default 1200 steps): MAR's diffusion head expects
+    # unit-scale tokens, as KL-16's 0.2325 does for ImageNet.
+    m.scale_factor = 0.75
 
-    c.optim.lr = 1e-3
+    c.optim.lr = 2e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 100
     c.optim.end_factor = 0.05

@@ -22,15 +22,15 @@ def get_config(arg=None):
     c = base_config()
     c.family = "mar"
     c.batch_size = 128
-    c.total_steps = 6000
+    c.total_steps = 2000
     c.log_every = 100
-    c.checkpoint_every = 1000
-    c.sample_every = 2000
+    c.checkpoint_every = 500
+    c.sample_every = 1000
 
     m = c.model
     m.img_size = 32  # pixels; latents are img_size / vae_stride = 8 per side
     m.vae_stride = 4
-    m.patch_size = 1  # 64 tokens of dim 4
+    m.patch_size = 2  # 4 x 4 = 16 tokens of dim 4 * 2 * 2 = 16
     m.vae_embed_dim = 4
     m.encoder_embed_dim = m.decoder_embed_dim = 128
     m.encoder_depth = m.decoder_depth = 3
@@ -38,12 +38,12 @@ def get_config(arg=None):
     m.mlp_ratio = 4.0
     m.norm_eps = 1e-6
     m.class_num = 10
-    m.buffer_size = 8
+    m.buffer_size = 4
     m.label_drop_prob = 0.1
     m.attn_dropout = 0.0  # tiny data, few steps: dropout only slows learning here
     m.proj_dropout = 0.0
-    m.diffloss_d = 3
-    m.diffloss_w = 256
+    m.diffloss_d = 2
+    m.diffloss_w = 128
     m.diffusion_batch_mul = 4
     m.num_sampling_steps = "100"
 

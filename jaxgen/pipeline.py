@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import jax
@@ -96,9 +97,17 @@ def cache_dir(config, workdir: str) -> str:
 
 
 def cache_latents(config, workdir: str) -> str:
-    """Encode the tokenizer's dataset (each image and its flip) into moments once: `--mode=cache`."""
+    """Encode the tokenizer's dataset (each image and its flip) into moments once: `--mode=cache`.
+
+    Every process encodes its rows of each global batch on the mesh; process 0 writes the cache (memory-mapped, so
+    ImageNet-sized caches never sit in host memory). meta.json is written last: an interrupted cache is redone.
+    """
     from jaxgen.data import pipeline as data_pipeline
     from jaxgen.data import sources
+    from jaxgen.parallel import mesh as mesh_lib
+    from jaxgen.parallel import sharding as sh
+    from jaxgen.train.trainer import put_frozen
+    from jax.experimental import multihost_utils
 
     tok_cfg = tokenizer_config(config)
     if tok_cfg is None:
@@ -109,17 +118,36 @@ def cache_latents(config, workdir: str) -> str:
         logging.info("latent cache already present in %s", out)
         return out
     tok_family = families.build(tok_cfg)
-    params = load_tokenizer_params(config, workdir)
-    encode = jax.jit(lambda p, x: (tok_family.encode_moments(p, x), tok_family.encode_moments(p, x[:, :, ::-1])))
-    moments, moments_flip, labels = [], [], []
-    for batch, valid in data_pipeline.iterate_dataset_once(tok_cfg.data, batch_size=min(256, tok_cfg.batch_size)):
-        m, mf = encode(params, batch["image"])
-        moments.append(np.asarray(m)[valid])
-        moments_flip.append(np.asarray(mf)[valid])
-        labels.append(np.asarray(batch["label"])[valid])
-    sources.write_latent_cache(out, np.concatenate(moments), np.concatenate(moments_flip), np.concatenate(labels),
-                               {"tokenizer": tok_cfg.family, "dataset": tok_cfg.data.to_dict()})
-    logging.info("cached %d latents in %s", sum(len(x) for x in labels), out)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = sh.rules_tuple(config.mesh.rules)
+    params = put_frozen(load_tokenizer_params(config, workdir), mesh)
+    dp = mesh_lib.data_parallel_size(mesh, rules)
+    batch_size = max(dp, (int(config.get("cache_batch_size", 256)) // dp) * dp)
+
+    @jax.jit
+    def encode(p, images):
+        return tok_family.encode_moments(p, images), tok_family.encode_moments(p, images[:, :, ::-1])
+
+    writer, count, t0 = None, 0, time.time()
+    with jax.set_mesh(mesh):
+        for local in data_pipeline.iterate_dataset_once(tok_cfg.data, batch_size=batch_size):
+            batch = sh.global_batch({k: local[k] for k in ("image", "label", "mask", "index")}, mesh, rules)
+            moments, moments_flip = encode(params, batch["image"])
+            host = multihost_utils.process_allgather(
+                {"moments": moments, "moments_flip": moments_flip, "label": batch["label"], "mask": batch["mask"],
+                 "index": batch["index"]}, tiled=True)
+            if writer is None and jax.process_index() == 0:
+                total = len(data_pipeline.build_source(tok_cfg.data))
+                writer = sources.LatentCacheWriter(out, total, host["moments"].shape[1:])
+            keep = np.asarray(host["mask"], bool)
+            if writer is not None:
+                writer.write(np.asarray(host["index"])[keep], np.asarray(host["moments"])[keep],
+                             np.asarray(host["moments_flip"])[keep], np.asarray(host["label"])[keep])
+            count += int(keep.sum())
+    if writer is not None:
+        writer.finish({"tokenizer": tok_cfg.family, "dataset": tok_cfg.data.to_dict()})
+    multihost_utils.sync_global_devices("latent_cache_written")
+    logging.info("cached the moments of %d images (and their flips) in %s (%.0fs)", count, out, time.time() - t0)
     return out
 
 

@@ -238,6 +238,15 @@ def write_latent_cache(directory: str, moments, moments_flip, labels,
     writer.finish(meta)
 
 
+def latent_cache_exists(directory: str) -> bool:
+    """True when `directory` holds a complete latent cache (meta.json is written last)."""
+    try:
+        read_latent_cache_meta(directory)
+        return True
+    except DataError:
+        return False
+
+
 def read_latent_cache_meta(directory: str) -> Dict[str, Any]:
     fix = "write one with --mode=cache and set data.data_dir to it"
     _require_dir(directory, "latent cache directory", fix)

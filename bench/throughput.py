@@ -1,0 +1,159 @@
+"""Training and sampling throughput of any jaxgen config on synthetic inputs (random weights, no data needed).
+
+  python bench/throughput.py --config=configs/mar_b.py --what=train --config.batch_size=8 --steps=5
+  python bench/throughput.py --config=configs/mar_b.py --what=sample --config.sample.num_iter=64 --batch=8
+  python bench/throughput.py --config=configs/var_d16.py --what=sample --batch=8 --json=out.json
+
+Train: the real jitted, donated train step (sharded over all local devices) on random batches of the family's
+batch shapes; reports steps/s, images/s and, where XLA's cost analysis gives the step's FLOPs, TFLOP/s and MFU
+against --peak_tflops (per device). Sample: `family.sample` jitted once, then timed; images/s. Compile time is
+reported apart and never counted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_enum("what", "train", ["train", "sample"], "What to time.")
+flags.DEFINE_integer("steps", 5, "Timed train steps (after one warm-up step).")
+flags.DEFINE_integer("batch", 0, "Sampling batch (default config.sample.batch_size).")
+flags.DEFINE_integer("repeats", 2, "Timed sampling calls (after one warm-up call).")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak dense bf16 TFLOP/s of one device, for MFU (H100 SXM: 989).")
+flags.DEFINE_string("json", "", "Also write the result here.")
+
+
+def _machine() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    return f"{jax.device_count()} x {kind} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)"
+
+
+def _random_batch(family, batch_size, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    num_classes = int(family.config.data.get("num_classes", 10))
+    out = {}
+    for k, s in family.dummy_batch(batch_size).items():
+        if jnp.issubdtype(s.dtype, jnp.integer):
+            out[k] = rng.integers(0, num_classes, s.shape).astype(s.dtype)
+        else:
+            out[k] = np.clip(rng.standard_normal(s.shape), -1, 1).astype(s.dtype)
+    return out
+
+
+def _random_frozen(config):
+    """Random tokenizer params for families that decode through one (sampling only needs the shapes right)."""
+    import jax
+    from jaxgen import families, pipeline
+    from jaxgen.parallel import sharding as sh
+
+    tok = pipeline.tokenizer_config(config)
+    if tok is None:
+        return {}
+    return {"tokenizer": sh.unbox(families.build(tok).init(jax.random.PRNGKey(1)))}
+
+
+def bench_train(config):
+    import jax
+    from jaxgen.parallel import sharding as sh
+    from jaxgen.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(config, workdir, frozen=_random_frozen(config))
+        with trainer.mesh_context():
+            step_fn = trainer._compile_step()
+            batch = sh.global_batch(_random_batch(trainer.family, config.batch_size), trainer.mesh, trainer.rules)
+            t0 = time.time()
+            compiled = step_fn.lower(trainer.state, batch, trainer.frozen).compile()
+            compile_s = time.time() - t0
+            flops = None
+            try:
+                cost = compiled.cost_analysis()
+                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                flops = float(cost.get("flops", 0.0)) or None
+            except Exception:  # noqa: BLE001 - not every backend reports costs
+                pass
+            state, m = compiled(trainer.state, batch, trainer.frozen)
+            jax.block_until_ready(m)
+            t0 = time.time()
+            for _ in range(FLAGS.steps):
+                state, m = compiled(state, batch, trainer.frozen)
+            jax.block_until_ready(m)
+            dt = (time.time() - t0) / FLAGS.steps
+        trainer.close()
+    result = {"what": "train", "family": config.family, "batch_size": config.batch_size,
+              "compute_dtype": config.compute_dtype, "compile_s": round(compile_s, 1),
+              "step_s": dt, "steps_per_s": 1.0 / dt, "images_per_s": config.batch_size / dt}
+    if flops:
+        # cost_analysis counts the whole (SPMD-partitioned) program of one device.
+        result["tflops_per_device"] = flops / dt / 1e12
+        if FLAGS.peak_tflops:
+            result["mfu"] = result["tflops_per_device"] / FLAGS.peak_tflops
+    return result
+
+
+def bench_sample(config):
+    import jax
+    import numpy as np
+    from jaxgen import families
+    from jaxgen.parallel import mesh as mesh_lib
+    from jaxgen.parallel import sharding as sh
+    from jaxgen.train.trainer import put_frozen
+
+    family = families.build(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = sh.rules_tuple(config.mesh.rules)
+    batch = FLAGS.batch or int(config.sample.batch_size)
+    import flax.linen as nn
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
+        frozen = put_frozen(_random_frozen(config), mesh)
+        labels = jax.device_put(np.arange(batch, dtype=np.int32) % int(config.data.num_classes),
+                                sh.batch_sharding(mesh, rules, 1))
+        fn = jax.jit(family.sample)
+        t0 = time.time()
+        compiled = fn.lower(params, frozen, labels, jax.random.PRNGKey(0)).compile()
+        compile_s = time.time() - t0
+        jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
+        t0 = time.time()
+        for i in range(FLAGS.repeats):
+            out = compiled(params, frozen, labels, jax.random.PRNGKey(i + 1))
+        jax.block_until_ready(out)
+        dt = (time.time() - t0) / FLAGS.repeats
+    s = config.sample
+    return {"what": "sample", "family": config.family, "batch": batch, "compute_dtype": config.compute_dtype,
+            "settings": {k: s[k] for k in sorted(s.keys()) if k not in ("num_per_class", "batch_size", "grid_rows")},
+            "compile_s": round(compile_s, 1), "call_s": dt, "images_per_s": batch / dt}
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    result = bench_train(config) if FLAGS.what == "train" else bench_sample(config)
+    result["machine"] = _machine()
+    text = json.dumps(result, indent=1, sort_keys=True, default=str)
+    print(text)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
