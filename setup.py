@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="MAR, VAR, RAR and MaskGIT/AutoNAT in JAX/Flax: train from a laptop to a pod, load official weights.",
     python_requires=">=3.11",
-    packages=find_packages(include=["jaxgen", "jaxgen.*"]),
+    packages=find_packages(include=["jaxgen", "jaxgen.*", "configs"]),  # configs ship too: notebooks load them by name
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

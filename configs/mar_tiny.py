@@ -76,12 +76,11 @@ def get_config(arg=None):
     s.use_ema = True
 
     if "runlocal" in variants:
-        c.total_steps, c.log_every, c.checkpoint_every, c.sample_every = 20, 5, 10, 0
-        c.optim.warmup_steps = 5
-        c.tokenizer.config.total_steps = 20
-        c.tokenizer.config.log_every = 5
-        c.tokenizer.config.checkpoint_every = 10
-        c.sample.num_per_class = 4
-        c.sample.num_iter = 4
-        c.sample.num_sampling_steps = "10"
+        c.batch_size, c.total_steps, c.log_every, c.checkpoint_every, c.sample_every = 16, 10, 5, 5, 10
+        c.optim.warmup_steps = 2
+        tok = c.tokenizer.config
+        tok.batch_size, tok.total_steps, tok.log_every, tok.checkpoint_every = 16, 10, 5, 5
+        tok.optim.warmup_steps = 2
+        c.sample.num_per_class, c.sample.batch_size = 2, 20
+        c.sample.num_iter, c.sample.num_sampling_steps = 4, "5"
     return c

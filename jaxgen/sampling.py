@@ -30,7 +30,7 @@ def generate(family, params: Any, frozen: Any, labels: np.ndarray, seed: int, ba
     label_sharding = sh.batch_sharding(mesh, rules, 1)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        fn = jax.jit(family.sample, in_shardings=(None, None, label_sharding, None))
+        fn = _jitted_sample(family, label_sharding)
         out = []
         t0 = time.time()
         for i in range(0, len(labels), batch_size):
@@ -44,6 +44,14 @@ def generate(family, params: Any, frozen: Any, labels: np.ndarray, seed: int, ba
         logging.info("sampled %d images in %.1fs (%.2f images/s, batch %d)", len(labels), time.time() - t0,
                      len(labels) / max(time.time() - t0, 1e-9), batch_size)
     return np.concatenate(out, axis=0)
+
+
+def _jitted_sample(family, label_sharding):
+    """One jitted sampler per (family, label sharding): periodic sampling during training compiles only once."""
+    cache = family.__dict__.setdefault("_jitted_samplers", {})
+    if label_sharding not in cache:
+        cache[label_sharding] = jax.jit(family.sample, in_shardings=(None, None, label_sharding, None))
+    return cache[label_sharding]
 
 
 def sh_data_parallel(mesh, rules) -> int:

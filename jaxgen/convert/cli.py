@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import jax
 import numpy as np
 
+from jaxgen import config as config_lib
 from jaxgen.errors import UserError
 
 # family -> (converter "module:function", which checkpoint entries hold weights (tried in order), ema entry)
@@ -93,19 +94,6 @@ def convert(family: str, config, input_path: str, output_dir: str, select: Optio
     return output_dir
 
 
-def load_config(spec: str):
-    """configs/x.py[:arg] -> ConfigDict (same syntax as jaxgen.main)."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise UserError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location("jaxgen_user_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jaxgen.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +105,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(args.family, load_config(args.config), args.input, args.output, args.select)
+        convert(args.family, config_lib.load(args.config), args.input, args.output, args.select)
     except UserError as e:
         sys.stderr.write(f"jaxgen.convert: error: {' '.join(str(e).split())}\n")
         return 2
