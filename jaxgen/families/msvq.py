@@ -4,11 +4,22 @@ config.model: the VQVAE fields (`jaxgen.tokenizers.msvq.VQVAE`: vocab_size, z_ch
 num_groups, using_sa, using_mid_sa, beta, quant_resi, share_quant_resi, v_patch_nums, ...) plus
   recon_loss        'l2' (VAR's pixel term, per the VAR paper's tokenizer description) | 'l1'   default 'l2'
   vq_weight         weight of the multi-scale VQ loss (commitment beta inside)               default 1.0
-  dead_code_weight  weight of the dead-code pull: codes unused in the batch are pulled towards
-                    random encoder features (stop-gradient), so they re-enter the data         default 0.1
+  dead_code_weight  weight of the dead-code pull (below); 0 turns the policy off                 default 0.1
 Loss = recon + vq_weight * vq + dead_code_weight * dead + extra_losses (hook for LPIPS / GAN terms).
 Metrics: recon_mse, vq_loss, dead_code, code_usage (fraction of the codebook hit in the batch, all scales),
-usage_last_scale, perplexity.
+usage_last_scale, perplexity (exp entropy of the batch's code histogram), dead_fraction (= 1 - code_usage).
+
+Code usage is tracked per batch and reported as metrics (the logger averages them over each log interval); the
+official ema_vocab_hit_SV buffer is training state a pure loss cannot carry, so it is not kept.
+
+Dead-code policy, chosen to fit the functional trainer (the loss cannot write params, and no usage state survives a
+step): every code unused in the batch (at any scale) is pulled by an extra loss term towards one of the batch's
+quantiser inputs (the per-scale residuals the codebook has to cover, stop-gradient): the one nearest a fixed per-code
+anchor (`jaxgen.nn.quantizer.dead_code_loss`), so each dead code keeps heading for its own region of the data. Codes
+that win assignments get no pull, so live codes are untouched; a dead code walks into the data under the optimizer
+(about lr per step with Adam, whatever the weight) until it wins assignments again. A hard restart (copying features
+into dead codes) would need a post-update hook with usage state in the trainer; `jaxgen.nn.quantizer.reinit_dead_codes`
+is that operation for such a caller.
 """
 from __future__ import annotations
 
@@ -21,6 +32,10 @@ from jaxgen.errors import ConfigError
 from jaxgen.families.base import Batch, Family, Metrics, Params
 from jaxgen.nn.quantizer import dead_code_loss, perplexity, usage_fraction
 from jaxgen.tokenizers.msvq import VQVAE, vqvae_from_config
+
+
+# Fixed, so every code keeps its dead-code anchor from step to step (see jaxgen.nn.quantizer.dead_code_loss).
+DEAD_CODE_ANCHOR_SEED = 0x5EED
 
 
 class MSVQFamily(Family):
@@ -57,17 +72,20 @@ class MSVQFamily(Family):
 
     def loss(self, params: Params, batch: Batch, rng: jax.Array, frozen: Any) -> Tuple[jax.Array, Metrics]:
         images = batch["image"].astype(jnp.float32)
-        rng_drop, rng_dead, rng_extra = jax.random.split(rng, 3)
+        rng_drop, rng_extra = jax.random.split(rng)
         out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng_drop})
         err = out["recon"] - images
         rec = jnp.mean(jnp.abs(err)) if self.recon_loss == "l1" else jnp.mean(jnp.square(err))
         counts = out["counts"]  # (S, V)
         total_counts = jnp.sum(counts, axis=0)
-        dead = dead_code_loss(params["codebook"], total_counts, out["f"], rng_dead)
+        dead = dead_code_loss(params["codebook"], total_counts, out["z"],
+                              jax.random.PRNGKey(DEAD_CODE_ANCHOR_SEED)) \
+            if self.dead_code_weight else jnp.zeros((), jnp.float32)
         extra, extra_metrics = self.extra_losses(params, images, out["recon"], rng_extra, frozen)
         total = rec + self.vq_weight * out["vq_loss"] + self.dead_code_weight * dead + extra
         metrics = {"loss": total, "recon_mse": jnp.mean(jnp.square(err)), "vq_loss": out["vq_loss"],
                    "dead_code": dead, "code_usage": usage_fraction(total_counts),
+                   "dead_fraction": 1.0 - usage_fraction(total_counts),
                    "usage_last_scale": usage_fraction(counts[-1]), "perplexity": perplexity(total_counts),
                    **extra_metrics}
         return total, metrics

@@ -75,16 +75,22 @@ def update_usage_ema(ema: jax.Array, counts: jax.Array, decay: float = 0.99) -> 
     return decay * ema + (1.0 - decay) * counts
 
 
-def dead_code_loss(codebook: jax.Array, counts: jax.Array, candidates: jax.Array, rng: jax.Array) -> jax.Array:
-    """Stateless dead-code policy: codes unused in this batch (count 0) are pulled towards randomly drawn encoder
-    features (stop-gradient), so they re-enter the data distribution instead of staying dead.
+def dead_code_loss(codebook: jax.Array, counts: jax.Array, candidates: jax.Array, anchor_key: jax.Array) -> jax.Array:
+    """Stateless dead-code policy: every code unused in this batch (count 0) is pulled towards a data point, so it
+    re-enters the data distribution instead of staying dead. Works inside a pure loss (no usage state needed).
 
-    Works inside a pure loss (no mutable usage state needed). Returns the mean squared pull over dead codes
-    (0 when every code was used); add it with a small weight. candidates: (N, C) features at the quantised scale.
+    Each code i owns a fixed anchor direction e_i ~ N(0, I) drawn from `anchor_key` (pass the SAME key every step);
+    its anchor is mean + std * e_i of this batch's candidates, and its target the candidate nearest that anchor
+    (stop-gradient). Fixed anchors keep each dead code's target in the same region from step to step, so an optimizer
+    moves it there steadily, and different codes head for different regions (targets re-drawn at random every step
+    would drag all dead codes to the candidates' mean, where at most one of them wins assignments).
+    Returns the mean squared pull over the dead codes (0 when every code was used); add it with a small weight.
+    candidates: (..., C) what the codebook has to cover (e.g. the quantiser inputs of the batch).
     """
     cand = jax.lax.stop_gradient(candidates.reshape(-1, candidates.shape[-1]).astype(jnp.float32))
-    pick = jax.random.randint(rng, (codebook.shape[0],), 0, cand.shape[0])
-    target = cand[pick]
+    mean, std = jnp.mean(cand, axis=0), jnp.std(cand, axis=0)
+    anchors = mean + std * jax.random.normal(anchor_key, codebook.shape, jnp.float32)
+    target = cand[jnp.argmin(code_distances(anchors, cand), axis=-1)]
     dead = (counts <= 0).astype(jnp.float32)
     per_code = jnp.mean(jnp.square(codebook.astype(jnp.float32) - target), axis=-1)
     return jnp.sum(dead * per_code) / jnp.maximum(jnp.sum(dead), 1.0)

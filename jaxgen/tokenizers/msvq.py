@@ -224,22 +224,29 @@ class VQVAE(nn.Module):
 
         Gradients flow to the codebook and phi convs through each f_hat (the lookups use stop-gradient features).
         """
+        idx_list, fhat_list, _ = self._quantize(f)
+        return idx_list, fhat_list
+
+    def _quantize(self, f) -> Tuple[List[jax.Array], List[jax.Array], List[jax.Array]]:
+        """`quantize` plus what each scale looked up: [(B, pn*pn, C) stop-gradient quantiser inputs]."""
         b, hh, ww, c = f.shape
         if (hh, ww) != (self.v_patch_nums[-1],) * 2:
             raise ValueError(f"feature map {hh}x{ww} does not match the last patch number {self.v_patch_nums[-1]}")
         f = f.astype(jnp.float32)
         f_rest = jax.lax.stop_gradient(f)
         f_hat = jnp.zeros_like(f)
-        idx_list, fhat_list = [], []
+        idx_list, fhat_list, z_list = [], [], []
         for si, pn in enumerate(self.v_patch_nums):
             z = f_rest if si == self.num_scales - 1 else resize(f_rest, (pn, pn), "area")
-            idx = jax.lax.stop_gradient(self._lookup(jax.lax.stop_gradient(z).reshape(-1, c))).reshape(b, pn * pn)
+            z = jax.lax.stop_gradient(z).reshape(b, pn * pn, c)
+            idx = jax.lax.stop_gradient(self._lookup(z.reshape(-1, c))).reshape(b, pn * pn)
             h = self.phi(si, self._up(si, self.idx_map(idx, pn), hh))
             f_hat = f_hat + h
             f_rest = f_rest - jax.lax.stop_gradient(h)
             idx_list.append(idx)
             fhat_list.append(f_hat)
-        return idx_list, fhat_list
+            z_list.append(z)
+        return idx_list, fhat_list, z_list
 
     def f_to_idx(self, f) -> List[jax.Array]:
         return self.quantize(f)[0]
@@ -297,14 +304,16 @@ class VQVAE(nn.Module):
     def __call__(self, img, train: bool = True) -> Dict[str, jax.Array]:
         """Training forward (the official VQVAE.forward): recon = decode(straight-through f_hat),
         vq_loss = mean over scales of beta*|sg(f_hat_s) - f|^2 + |f_hat_s - sg(f)|^2; counts (S, V) code hits per scale;
-        f: encoder features (candidates for the dead-code policy)."""
+        f: encoder features; z: (B, L, C) what every scale looked up (the residuals the codebook has to cover, e.g.
+        the candidates of a dead-code policy)."""
         f = self.encode(img, train).astype(jnp.float32)
-        idx_list, fhat_list = self.quantize(f)
+        idx_list, fhat_list, z_list = self._quantize(f)
         vq_loss = sum(commitment_loss(f, fh, self.beta) for fh in fhat_list) / self.num_scales
         f_st = f + jax.lax.stop_gradient(fhat_list[-1] - f)
         recon = self.decode(f_st, train).astype(jnp.float32)
         counts = jnp.stack([code_counts(idx, self.vocab_size) for idx in idx_list])
-        return {"recon": recon, "vq_loss": vq_loss, "counts": counts, "f": f, "idx": idx_list}
+        return {"recon": recon, "vq_loss": vq_loss, "counts": counts, "f": f, "z": jnp.concatenate(z_list, axis=1),
+                "idx": idx_list}
 
 
 def vqvae_from_config(model_cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> VQVAE:

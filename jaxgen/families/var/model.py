@@ -214,7 +214,8 @@ class AdaLNSelfAttn(nn.Module):
 class VAR(nn.Module):
     """Class-conditional next-scale prediction transformer.
 
-    __call__(labels, x_wo_first, train) -> logits (B, L, V) float32 (teacher forcing, block-causal mask).
+    __call__(labels, x_wo_first, train) -> logits (B, L, V) float32 (teacher forcing, block-causal mask); x_wo_first
+    may cover only the first scales (then L is that prefix's length).
     For KV-cached inference: `first_tokens`, `scale_tokens`, `cond_features`, `blocks_step`, `logits_from` (see sampler).
     """
     vocab_size: int = 4096
@@ -322,9 +323,11 @@ class VAR(nn.Module):
         cond, cond_blocks = self.cond_features(labels)
         sos = jnp.broadcast_to(cond[:, None], (b, self.first_l, self.embed_dim)) + self.pos_start.astype(jnp.float32)
         x = jnp.concatenate([sos, self.word_embed(x_wo_first.astype(jnp.float32)).astype(jnp.float32)], axis=1)
-        x = x + self.lvl_pos()
+        # x_wo_first may hold only the first scales (progressive training): every table is sliced to that prefix
+        length = x.shape[1]
+        x = x + self.lvl_pos()[:, :length]
         x = constrain(x, ("batch", "length", "embed"))
-        mask = jnp.asarray(block_causal_mask(self.patch_nums))[None, None]
+        mask = jnp.asarray(block_causal_mask(self.patch_nums)[:length, :length])[None, None]
         x, _ = self.blocks_step(x, cond_blocks, None, mask, deterministic=not train)
         return self.logits_from(x, cond)
 

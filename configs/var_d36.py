@@ -1,0 +1,7 @@
+"""VAR-d36-s (512px, shared AdaLN) with the official recipe (see configs/var_common.py).
+Variants: configs/var_d36.py:no_l2norm,folder."""
+from configs.var_common import var_config
+
+
+def get_config(arg=None):
+    return var_config(36, arg)

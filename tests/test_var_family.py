@@ -1,0 +1,189 @@
+"""VARFamily: teacher-forcing loss, cond drop, the official weight-decay exclusions, the KV-cached sampler (compiled
+once, images in range), top-k / top-p semantics and the lin0 schedule.
+
+Tiny shapes: 6x6x1 images, a tokenizer with scales (1, 2, 3) (14 tokens) and a 16-code book, a 2-block VAR of width
+32. The tokenizer params are random (frozen), as a VAR run receives them in frozen['tokenizer'].
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.common import base_config
+from jaxgen.families.var.family import VARFamily, cross_entropy, var_weight_decay_mask
+from jaxgen.families.var.sampler import sample_tokens, top_k_top_p_filter
+from jaxgen.train.optim import make_schedule
+from tests.test_msvq_family import tiny_msvq_config
+
+NUM_CLASSES = 10
+
+
+def tiny_var_config(**model):
+    c = base_config()
+    c.family = "var"
+    m = c.model
+    m.depth, m.embed_dim, m.num_heads, m.mlp_ratio = 2, 32, 2, 2.0
+    m.num_classes, m.drop_path_rate, m.cond_drop_rate = NUM_CLASSES, 0.1, 0.1
+    m.init_adaln_gamma = 1e-3
+    m.update(model)
+    c.data.image_size, c.data.channels, c.data.num_classes = 6, 1, NUM_CLASSES
+    c.tokenizer.config = tiny_msvq_config()
+    c.sample.cfg, c.sample.top_k, c.sample.top_p, c.sample.more_smooth = 1.5, 8, 0.9, False
+    return c
+
+
+@pytest.fixture(scope="module")
+def family():
+    return VARFamily(tiny_var_config())
+
+
+@pytest.fixture(scope="module")
+def params(family):
+    return nn.meta.unbox(jax.jit(family.init)(jax.random.PRNGKey(0)))
+
+
+@pytest.fixture(scope="module")
+def frozen(family):
+    return {"tokenizer": nn.meta.unbox(jax.jit(family.tokenizer_family.init)(jax.random.PRNGKey(1)))}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    images = jax.random.uniform(jax.random.PRNGKey(2), (4, 6, 6, 1), minval=-1.0, maxval=1.0)
+    return {"image": images, "label": jnp.arange(4, dtype=jnp.int32)}
+
+
+def test_loss_is_finite_and_every_param_gets_a_gradient(family, params, frozen, batch):
+    assert family.model.seq_len == 14 and family.model.embed_dim == 32
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(family.loss, has_aux=True))(
+        params, batch, jax.random.PRNGKey(3), frozen)
+    assert np.isfinite(float(loss))
+    assert set(metrics) >= {"loss", "acc", "loss_tail", "acc_tail"}
+    # an untrained model predicts ~uniformly over the 16 codes
+    assert abs(float(loss) - np.log(16)) < 0.5
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(p) for p, g in flat if not float(jnp.max(jnp.abs(g))) > 0]
+    assert not dead, f"no gradient reaches {dead}"
+
+
+def test_teacher_forcing_targets_come_from_the_tokenizer(family, frozen, batch):
+    idx_list, x_in = jax.jit(family.teacher_forcing_inputs)(batch["image"], frozen)
+    assert [i.shape for i in idx_list] == [(4, 1), (4, 4), (4, 9)]
+    assert x_in.shape == (4, 14 - 1, 4)
+    ref = jax.jit(family.tokenizer_family.img_to_idx)(frozen["tokenizer"], batch["image"])
+    for a, b in zip(idx_list, ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cross_entropy_label_smoothing_matches_torch_definition():
+    logits = jnp.array([[[2.0, 0.0, -1.0, 0.5]]])
+    target = jnp.array([[0]])
+    logp = np.asarray(jax.nn.log_softmax(logits[0, 0]))
+    ls = 0.1
+    want = -((1 - ls) * logp[0] + ls * logp.mean())
+    assert float(cross_entropy(logits, target, ls)[0, 0]) == pytest.approx(want, rel=1e-6)
+    assert float(cross_entropy(logits, target)[0, 0]) == pytest.approx(-logp[0], rel=1e-6)
+
+
+def test_cond_drop_swaps_labels_for_the_null_class(family, params):
+    """Training logits of a row equal the null-class logits exactly for the dropped rows (~cond_drop_rate of them)."""
+    model = family.model
+    b = 400
+    labels = jnp.arange(b, dtype=jnp.int32) % NUM_CLASSES
+    x = jax.random.normal(jax.random.PRNGKey(4), (b, model.seq_len - 1, model.cvae))
+    nodrop = model.clone(drop_path_rate=0.0)  # isolate cond drop from drop path
+
+    @jax.jit
+    def run(p):
+        train = nodrop.apply({"params": p}, labels, x, train=True, rngs={"dropout": jax.random.PRNGKey(5)})
+        null = nodrop.apply({"params": p}, jnp.full_like(labels, NUM_CLASSES), x)
+        cond = nodrop.apply({"params": p}, labels, x)
+        return train, null, cond
+
+    train, null, cond = run(params)
+    is_null = np.all(np.isclose(train, null, atol=1e-5), axis=(1, 2))
+    is_cond = np.all(np.isclose(train, cond, atol=1e-5), axis=(1, 2))
+    assert np.all(is_null ^ is_cond)  # every row is exactly one of the two
+    assert 0.05 < is_null.mean() < 0.16, is_null.mean()
+
+
+def test_weight_decay_mask_follows_the_official_exclusions():
+    fam = VARFamily(tiny_var_config(shared_aln=True))
+    shapes = jax.eval_shape(fam.init, jax.random.PRNGKey(0))
+    mask = var_weight_decay_mask(nn.meta.unbox(shapes))
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): m
+            for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    decayed = {"word_embed/kernel", "class_emb/embedding", "shared_ada_lin/kernel", "head_nm/ada_lin/kernel",
+               "head/kernel"} | {f"blocks_{i}/{name}/kernel" for i in range(2)
+                                 for name in ("attn/qkv", "attn/proj", "ffn/fc1", "ffn/fc2")}
+    assert {k for k, m in flat.items() if m} == decayed
+    for k in ("pos_start", "pos_1LC", "lvl_embed/embedding", "blocks_0/ada_gss", "blocks_0/attn/scale_mul",
+              "blocks_0/attn/q_bias", "blocks_0/attn/v_bias", "head/bias", "word_embed/bias"):
+        assert flat[k] is False, k
+    assert fam.weight_decay_mask(nn.meta.unbox(shapes)) == mask
+
+
+def test_sampler_compiles_once_and_gives_images_in_range(family, params, frozen):
+    traces = []
+
+    def sample(p, fr, labels, rng):
+        traces.append(1)
+        return family.sample(p, fr, labels, rng)
+
+    fn = jax.jit(sample)
+    labels = jnp.array([0, 3, 7, NUM_CLASSES], jnp.int32)  # NUM_CLASSES: unconditional
+    a = fn(params, frozen, labels, jax.random.PRNGKey(0))
+    b = fn(params, frozen, labels[::-1], jax.random.PRNGKey(1))
+    assert len(traces) == 1
+    for img in (a, b):
+        assert img.shape == (4, 6, 6, 1) and img.dtype == jnp.float32
+        assert float(jnp.min(img)) >= -1.0 and float(jnp.max(img)) <= 1.0
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_top_k_keeps_the_k_largest_and_their_ties():
+    logits = jnp.array([[1.0, 5.0, 3.0, 3.0, -2.0]])
+    kept = np.isfinite(np.asarray(top_k_top_p_filter(logits, top_k=2)))
+    np.testing.assert_array_equal(kept[0], [False, True, True, True, False])  # a tie with the k-th stays
+    kept = np.isfinite(np.asarray(top_k_top_p_filter(logits, top_k=1)))
+    np.testing.assert_array_equal(kept[0], [False, True, False, False, False])
+
+
+def test_top_p_drops_the_low_tail_but_always_keeps_the_top_token():
+    probs = jnp.array([0.05, 0.5, 0.15, 0.3])
+    logits = jnp.log(probs)[None]
+    # ascending cumulative probabilities 0.05, 0.2, 0.5, 1.0; top_p 0.7 drops those <= 0.3: the 0.05 and 0.15 tokens
+    kept = np.isfinite(np.asarray(top_k_top_p_filter(logits, top_p=0.7)))
+    np.testing.assert_array_equal(kept[0], [False, True, False, True])
+    kept = np.isfinite(np.asarray(top_k_top_p_filter(logits, top_p=1e-6)))
+    np.testing.assert_array_equal(kept[0], [False, True, False, False])
+    _, idx = sample_tokens(jax.random.PRNGKey(0), jnp.log(probs)[None, None], top_k=1)
+    assert int(idx[0, 0]) == 1
+
+
+def test_progressive_stage_trains_on_the_first_scales():
+    fam = VARFamily(tiny_var_config(train_scales=2))
+    shapes = {"image": jax.ShapeDtypeStruct((2, 6, 6, 1), jnp.float32),
+              "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    params = jax.eval_shape(fam.init, jax.random.PRNGKey(0))
+    frozen = {"tokenizer": jax.eval_shape(fam.tokenizer_family.init, jax.random.PRNGKey(0))}
+    loss, metrics = jax.eval_shape(fam.loss, nn.meta.unbox(params), shapes, jax.random.PRNGKey(0),
+                                   nn.meta.unbox(frozen))
+    assert loss.shape == () and metrics["loss_tail"].shape == ()
+    idx, x_in = jax.eval_shape(fam.teacher_forcing_inputs, shapes["image"], nn.meta.unbox(frozen))
+    assert [i.shape for i in idx] == [(2, 1), (2, 4)] and x_in.shape == (2, 4, 4)
+
+
+def test_lin0_schedule_with_warmup_from_a_fraction_of_the_peak():
+    o = ml_collections.ConfigDict(dict(lr=0.0, blr=1e-4, schedule="lin0", warmup_steps=100, warmup_init=0.005,
+                                       end_factor=0.1))
+    sched = make_schedule(o, total_steps=1100, batch_size=768)
+    peak = 1e-4 * 768 / 256
+    rel = 1e-5  # float32 schedule arithmetic
+    assert float(sched(0)) == pytest.approx(0.005 * peak, rel=rel)
+    assert float(sched(100)) == pytest.approx(peak, rel=rel)
+    assert float(sched(100 + 49)) == pytest.approx(peak, rel=rel)  # held for 5% of the 1000 post-warmup steps
+    assert float(sched(1100)) == pytest.approx(0.1 * peak, rel=rel)
+    assert float(sched(600)) < peak
