@@ -171,36 +171,38 @@ class Trainer:
         step = start
         # Testing hook for preemption / kill paths: makes each step take at least this long.
         step_delay = float(os.environ.get("JAXGEN_STEP_DELAY_S", "0") or 0)
-        with _SignalFlag() as sigterm, self.mesh_context():
-            while step < config.total_steps:
-                local = next(data_iter)
-                batch = sh.global_batch(local, self.mesh, self.rules)
-                self.state, metrics = step_fn(self.state, batch, self.frozen)
-                pending.append(metrics)
-                step += 1
-                if step_delay:
-                    time.sleep(step_delay)
-                last = step == config.total_steps
-                if step % config.log_every == 0 or last:
-                    self._check_finite(last_good)
-                    host = jax.device_get(pending)
-                    pending = []
-                    logger.scalars(step, {k: float(np.mean([m[k] for m in host])) for k in host[0]})
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
-                    self._check_finite(last_good)
-                    self.checkpointer.save(step, self.state, data_iter, meta, force=last)
-                    last_good = step
-                if on_sample is not None and config.sample_every and step % config.sample_every == 0:
-                    on_sample(self, step, logger)
-                if sigterm.raised or _preemption_reached(step):
-                    self._check_finite(last_good)
-                    if self.checkpointer.latest_step() != step:
-                        self.checkpointer.save(step, self.state, data_iter, meta, force=True)
-                    stopped = True
-                    logging.warning("saved step %d after SIGTERM; exiting", step)
-                    break
-        self.checkpointer.wait()
-        logger.close()
+        try:
+            with _SignalFlag() as sigterm, self.mesh_context():
+                while step < config.total_steps:
+                    local = next(data_iter)
+                    batch = sh.global_batch(local, self.mesh, self.rules)
+                    self.state, metrics = step_fn(self.state, batch, self.frozen)
+                    pending.append(metrics)
+                    step += 1
+                    if step_delay:
+                        time.sleep(step_delay)
+                    last = step == config.total_steps
+                    if step % config.log_every == 0 or last:
+                        self._check_finite(last_good)
+                        host = jax.device_get(pending)
+                        pending = []
+                        logger.scalars(step, {k: float(np.mean([m[k] for m in host])) for k in host[0]})
+                    if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+                        self._check_finite(last_good)
+                        self.checkpointer.save(step, self.state, data_iter, meta, force=last)
+                        last_good = step
+                    if on_sample is not None and config.sample_every and step % config.sample_every == 0:
+                        on_sample(self, step, logger)
+                    if sigterm.raised or _preemption_reached(step):
+                        self._check_finite(last_good)
+                        if self.checkpointer.latest_step() != step:
+                            self.checkpointer.save(step, self.state, data_iter, meta, force=True)
+                        stopped = True
+                        logging.warning("saved step %d after SIGTERM; exiting", step)
+                        break
+            self.checkpointer.wait()
+        finally:
+            logger.close()  # also when a NaN halt raises: metrics.jsonl and TensorBoard get flushed
         return TrainResult(self.state, step, stopped)
 
     def _check_finite(self, last_good: Optional[int]):
