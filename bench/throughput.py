@@ -28,7 +28,8 @@ config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True
 flags.DEFINE_enum("what", "train", ["train", "sample"], "What to time.")
 flags.DEFINE_integer("steps", 5, "Timed train steps (after one warm-up step).")
 flags.DEFINE_integer("batch", 0, "Sampling batch (default config.sample.batch_size).")
-flags.DEFINE_integer("repeats", 2, "Timed sampling calls (after one warm-up call).")
+flags.DEFINE_integer("repeats", 2, "Timed sampling calls.")
+flags.DEFINE_integer("warmup", 1, "Untimed sampling calls first (the sampler is compiled ahead of time either way).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense bf16 TFLOP/s of one device, for MFU (H100 SXM: 989).")
 flags.DEFINE_string("json", "", "Also write the result here.")
 
@@ -131,7 +132,8 @@ def bench_sample(config):
         t0 = time.time()
         compiled = fn.lower(params, frozen, labels, jax.random.PRNGKey(0)).compile()
         compile_s = time.time() - t0
-        jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
+        for _ in range(FLAGS.warmup):
+            jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
         t0 = time.time()
         for i in range(FLAGS.repeats):
             out = compiled(params, frozen, labels, jax.random.PRNGKey(i + 1))
