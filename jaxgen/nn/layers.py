@@ -54,8 +54,11 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", with_axes(self.kernel_init, self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        # One 2-D matmul over all leading dims: for a (B, L, C) einsum XLA:CPU builds the kernel gradient from a
+        # transposed copy of the activations (measured ~1.7x slower backward than the 2-D form).
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype),
+                    preferred_element_type=jnp.float32).reshape(lead + (self.features,))
         if self.use_bias:
             bias = self.param("bias", with_axes(self.bias_init, (self.axes[-1],)),
                               (self.features,), self.param_dtype)
