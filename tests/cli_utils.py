@@ -13,7 +13,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = [
     "--config=configs/kl_vae_tiny.py",
     "--config.batch_size=16",
-    "--config.model.ch=32",
     "--config.model.ch_mult=(1,2)",
     "--config.optim.warmup_steps=2",
     "--config.log_every=5",
