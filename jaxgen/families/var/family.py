@@ -22,7 +22,7 @@ inside the model; drop path is active in training.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -155,10 +155,9 @@ class VARFamily(Family):
         return dict(cfg=float(s.get("cfg", 1.5)), top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 0.0)),
                     more_smooth=bool(s.get("more_smooth", False)))
 
-    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array,
-               settings: Optional[Dict[str, Any]] = None) -> jax.Array:
-        """KV-cached CFG sampling (see `autoregressive_infer_cfg`); images NHWC float32 in [-1, 1]. Call under jit
-        (`jaxgen.sampling.generate` does): every scale unrolls into one program, compiled once per batch size."""
+    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
+        """KV-cached CFG sampling (see `autoregressive_infer_cfg`) with config.sample's settings; images NHWC float32
+        in [-1, 1]. Call under jit (`jaxgen.sampling.generate` does): every scale unrolls into one program, compiled
+        once per batch size."""
         return autoregressive_infer_cfg(self.model, self.tokenizer_family.model, params,
-                                        self._tokenizer_params(frozen), labels, rng,
-                                        **(settings or self.sample_settings()))
+                                        self._tokenizer_params(frozen), labels, rng, **self.sample_settings())
