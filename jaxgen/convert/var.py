@@ -97,9 +97,7 @@ def _vqvae_path(key: str, ndim: int) -> Tuple[str, ...]:
     if not m:
         raise ValueError(f"unexpected VQVAE checkpoint key {key!r}")
     inner = (m.group(2) or "")[1:]
-    inner = re.sub(r"(down|up)\.(\d+)\.(block|attn)\.(\d+)", r"\1_\2_\3_\4", inner)
-    inner = re.sub(r"(down|up)\.(\d+)\.(downsample|upsample)", r"\1_\2_\3", inner)
-    inner = re.sub(r"mid\.(block_1|attn_1|block_2)", r"mid_\1", inner)
+    inner = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", inner)  # list indices fold into the name: down.1.block.0 -> down_1.block_0
     leaf = "bias" if m.group(3) == "bias" else ("kernel" if ndim == 4 else "scale")
     return (m.group(1),) + (tuple(inner.split(".")) if inner else ()) + (leaf,)
 

@@ -20,6 +20,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import ml_collections
 
+from jaxgen.errors import ConfigError
+
 Params = Any
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -50,6 +52,13 @@ class Family(abc.ABC):
     def weight_decay_mask(self, params: Params) -> Any:
         """Default: decay every parameter with ndim >= 2 (biases, norms and other 1-D params excluded)."""
         return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+    def tokenizer_params(self, frozen: Any) -> Any:
+        """The frozen tokenizer's params (the pipeline puts them in frozen['tokenizer'])."""
+        if not isinstance(frozen, dict) or "tokenizer" not in frozen:
+            raise ConfigError(f"{self.name} needs its tokenizer's params in frozen['tokenizer'] (the pipeline loads "
+                              "them from the tokenizer run or config.tokenizer.checkpoint)")
+        return frozen["tokenizer"]
 
     def load_frozen(self) -> Any:
         """Arrays the family needs but does not train (e.g. tokenizer params). Default: none."""

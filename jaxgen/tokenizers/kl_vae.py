@@ -1,13 +1,10 @@
 """MAR's KL-VAE tokenizer (LTH14/mar models/vae.py, LDM's AutoencoderKL): images <-> continuous latents.
 
-Layout (NHWC; level i has width ch * ch_mult[i]; nominal resolution halves after every level but the last):
-  Encoder: conv_in -> per level: num_res_blocks x (ResnetBlock [+ AttnBlock if the level's nominal resolution is in
-           attn_resolutions]) [+ Downsample] -> mid (Res, Attn, Res) -> GN, swish -> conv_out (2*z if double_z).
-  Decoder: conv_in -> mid (Res, Attn, Res) -> levels from deepest to 0: (num_res_blocks + 1) ResnetBlocks [+ AttnBlocks by
-           the same resolution rule] [+ Upsample unless level 0] -> GN, swish -> conv_out.
-  AutoencoderKL: quant_conv (1x1) after the encoder gives the moments [mean | logvar]; post_quant_conv (1x1) before the
-           decoder. The official MAR class builds its Decoder WITHOUT attn_resolutions, so the decoder has attention only
-           in its mid block (`decoder_attn_resolutions=()`); LDM's own kl-f configs pass attn_resolutions to both.
+Layout (NHWC): the shared LDM conv encoder / decoder (`jaxgen.nn.conv_autoencoder`), attention at the levels whose
+nominal resolution is in attn_resolutions plus in the mid block; the encoder outputs 2*z channels if double_z.
+quant_conv (1x1) after the encoder gives the moments [mean | logvar]; post_quant_conv (1x1) before the decoder. The
+official MAR class builds its Decoder WITHOUT attn_resolutions, so the decoder has attention only in its mid block
+(`decoder_attn_resolutions=()`); LDM's own kl-f configs pass attn_resolutions to both.
 
 Param paths mirror the torch keys with list indices folded into the name: torch `encoder.down.1.attn.0.q.weight` is
 params['encoder']['down_1']['attn_0']['q']['kernel'] (see jaxgen.convert.kl_vae).
@@ -20,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample, swish
+from jaxgen.nn.conv import Conv
+from jaxgen.nn.conv_autoencoder import ConvDecoder, ConvEncoder, attn_levels_by_resolution
 
 Dtype = Any
 
@@ -53,114 +51,6 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(terms, axis=tuple(range(1, terms.ndim)))
 
 
-class _Mid(nn.Module):
-    """Res -> Attn -> Res at the lowest resolution (torch `mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
-
-    dropout: float = 0.0
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h, deterministic: bool = True):
-        kw = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = ResnetBlock(dropout=self.dropout, name="block_1", **kw)(h, deterministic)
-        h = AttnBlock(name="attn_1", **kw)(h)
-        return ResnetBlock(dropout=self.dropout, name="block_2", **kw)(h, deterministic)
-
-
-class _Level(nn.Module):
-    """One resolution level: `block_j` ResnetBlocks (each followed by `attn_j` when use_attn), then an optional resampler
-    (`downsample` / `upsample`)."""
-
-    features: int
-    num_blocks: int
-    use_attn: bool
-    resample: Optional[str]  # None | 'down' | 'up'
-    dropout: float = 0.0
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = dict(num_groups=self.num_groups, **kw)
-        for j in range(self.num_blocks):
-            h = ResnetBlock(self.features, dropout=self.dropout, name=f"block_{j}", **norm)(h, deterministic)
-            if self.use_attn:
-                h = AttnBlock(name=f"attn_{j}", **norm)(h)
-        if self.resample == "down":
-            h = Downsample(name="downsample", **kw)(h)
-        elif self.resample == "up":
-            h = Upsample(name="upsample", **kw)(h)
-        return h
-
-
-class Encoder(nn.Module):
-    """Image (B, H, W, in_channels) -> (B, H/2^(L-1), W/2^(L-1), 2*z_channels if double_z else z_channels)."""
-
-    ch: int = 128
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (16,)
-    dropout: float = 0.0
-    resolution: int = 256  # nominal input size: only decides which levels get attention
-    z_channels: int = 16
-    double_z: bool = True
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = Conv(self.ch, 3, padding=1, name="conv_in", **kw)(x)
-        res = self.resolution
-        last = len(self.ch_mult) - 1
-        for i, mult in enumerate(self.ch_mult):
-            h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
-                       "down" if i != last else None, self.dropout, self.num_groups, name=f"down_{i}",
-                       **kw)(h, deterministic)
-            if i != last:
-                res //= 2
-        h = _Mid(self.dropout, self.num_groups, name="mid", **kw)(h, deterministic)
-        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
-        out = 2 * self.z_channels if self.double_z else self.z_channels
-        return Conv(out, 3, padding=1, name="conv_out", **kw)(h)
-
-
-class Decoder(nn.Module):
-    """Latent (B, h, w, z_channels) -> image (B, h*2^(L-1), w*2^(L-1), out_ch)."""
-
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = ()  # the official MAR decoder gets none (attention only in `mid`)
-    dropout: float = 0.0
-    resolution: int = 256
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, z, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        last = len(self.ch_mult) - 1
-        h = Conv(self.ch * self.ch_mult[last], 3, padding=1, name="conv_in", **kw)(z)
-        h = _Mid(self.dropout, self.num_groups, name="mid", **kw)(h, deterministic)
-        res = self.resolution // 2 ** last
-        for i in reversed(range(len(self.ch_mult))):
-            h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-                       "up" if i != 0 else None, self.dropout, self.num_groups, name=f"up_{i}",
-                       **kw)(h, deterministic)
-            if i != 0:
-                res *= 2
-        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
-        return Conv(self.out_ch, 3, padding=1, name="conv_out", **kw)(h)
-
-
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder. Defaults are the official MAR KL-16 (66.46M params, stride 16, 16 latent channels)."""
 
@@ -187,10 +77,14 @@ class AutoencoderKL(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                      dropout=self.dropout, resolution=self.resolution, num_groups=self.num_groups, **kw)
-        self.encoder = Encoder(attn_resolutions=tuple(self.attn_resolutions), z_channels=self.z_channels,
-                               double_z=self.double_z, **common)
-        self.decoder = Decoder(out_ch=self.out_ch, attn_resolutions=tuple(self.decoder_attn_resolutions), **common)
+                      dropout=self.dropout, num_groups=self.num_groups, **kw)
+        levels = len(self.ch_mult)
+        self.encoder = ConvEncoder(
+            out_channels=(2 if self.double_z else 1) * self.z_channels,
+            attn_levels=attn_levels_by_resolution(self.resolution, levels, self.attn_resolutions), **common)
+        self.decoder = ConvDecoder(
+            out_channels=self.out_ch,
+            attn_levels=attn_levels_by_resolution(self.resolution, levels, self.decoder_attn_resolutions), **common)
         self.quant_conv = Conv((2 if self.use_variational else 1) * self.embed_dim, 1, **kw)
         self.post_quant_conv = Conv(self.z_channels, 1, **kw)
 

@@ -6,9 +6,8 @@ h x w, passed through phi_si(h) = (1 - r) h + r conv3x3(h), added to f_hat and s
 flattened row-major. The resizes are torch-exact (`jaxgen.nn.resize`), so indices match the official model.
 
 Parameter tree (mirrors the torch names so the converter is mechanical):
-  encoder/{conv_in, down_{i}_block_{j}, down_{i}_attn_{j}, down_{i}_downsample, mid_block_1, mid_attn_1, mid_block_2,
-           norm_out, conv_out}
-  decoder/{conv_in, mid_*, up_{i}_block_{j}, up_{i}_attn_{j}, up_{i}_upsample, norm_out, conv_out}
+  encoder, decoder: the shared LDM conv encoder / decoder (`jaxgen.nn.conv_autoencoder`: down_{i}/block_{j},
+           down_{i}/attn_{j}, mid/attn_1, ...), attention with a fused qkv conv on the deepest level and in the mid block
   quant_conv, post_quant_conv, codebook (V, Cvae), qresi_{k} (the phi convs).
 """
 from __future__ import annotations
@@ -20,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample, swish
+from jaxgen.nn.conv import Conv
+from jaxgen.nn.conv_autoencoder import ConvDecoder, ConvEncoder
 from jaxgen.nn.layers import with_axes
 from jaxgen.nn.quantizer import code_counts, commitment_loss, nearest_code, nearest_code_cosine
 from jaxgen.nn.resize import resize
@@ -51,74 +51,6 @@ def phi_index(si: int, num_scales: int, share_quant_resi: int = 4, default_qresi
         return PHI_TABLE_10_SCALES_4_CONVS[si]
     ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
     return int(np.argmin(np.abs(ticks - si / (num_scales - 1))))
-
-
-class MSVQEncoder(nn.Module):
-    ch: int = 160
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 32
-    using_sa: bool = True
-    using_mid_sa: bool = True
-    dropout: float = 0.0
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gn = dict(num_groups=self.num_groups, **kw)
-        det = not train
-        n = len(self.ch_mult)
-        h = Conv(self.ch, 3, padding=1, name="conv_in", **kw)(x)
-        for i, mult in enumerate(self.ch_mult):
-            for j in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * mult, dropout=self.dropout, name=f"down_{i}_block_{j}", **gn)(h, det)
-                if i == n - 1 and self.using_sa:
-                    h = AttnBlock(fused_qkv=True, name=f"down_{i}_attn_{j}", **gn)(h)
-            if i != n - 1:
-                h = Downsample(name=f"down_{i}_downsample", **kw)(h)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_1", **gn)(h, det)
-        if self.using_mid_sa:
-            h = AttnBlock(fused_qkv=True, name="mid_attn_1", **gn)(h)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_2", **gn)(h, det)
-        h = swish(GroupNorm(name="norm_out", **gn)(h))
-        return Conv(self.z_channels, 3, padding=1, name="conv_out", **kw)(h)
-
-
-class MSVQDecoder(nn.Module):
-    ch: int = 160
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    out_channels: int = 3
-    using_sa: bool = True
-    using_mid_sa: bool = True
-    dropout: float = 0.0
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, z, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gn = dict(num_groups=self.num_groups, **kw)
-        det = not train
-        n = len(self.ch_mult)
-        h = Conv(self.ch * self.ch_mult[-1], 3, padding=1, name="conv_in", **kw)(z)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_1", **gn)(h, det)
-        if self.using_mid_sa:
-            h = AttnBlock(fused_qkv=True, name="mid_attn_1", **gn)(h)
-        h = ResnetBlock(dropout=self.dropout, name="mid_block_2", **gn)(h, det)
-        for i in reversed(range(n)):
-            for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(self.ch * self.ch_mult[i], dropout=self.dropout, name=f"up_{i}_block_{j}", **gn)(h, det)
-                if i == n - 1 and self.using_sa:
-                    h = AttnBlock(fused_qkv=True, name=f"up_{i}_attn_{j}", **gn)(h)
-            if i != 0:
-                h = Upsample(name=f"up_{i}_upsample", **kw)(h)
-        h = swish(GroupNorm(name="norm_out", **gn)(h))
-        return Conv(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)
 
 
 def codebook_init(vocab_size: int) -> Callable:
@@ -157,10 +89,12 @@ class VQVAE(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks, using_sa=self.using_sa,
-                    using_mid_sa=self.using_mid_sa, dropout=self.dropout, num_groups=self.num_groups, **kw)
-        self.encoder = MSVQEncoder(z_channels=self.z_channels, **arch)
-        self.decoder = MSVQDecoder(out_channels=self.in_channels, **arch)
+        # VAR puts attention (one fused qkv conv) on the deepest level and in the mid block.
+        arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                    attn_levels=(len(self.ch_mult) - 1,) if self.using_sa else (), mid_attn=self.using_mid_sa,
+                    fused_qkv=True, dropout=self.dropout, num_groups=self.num_groups, **kw)
+        self.encoder = ConvEncoder(out_channels=self.z_channels, **arch)
+        self.decoder = ConvDecoder(out_channels=self.in_channels, **arch)
         pad = self.quant_conv_ks // 2
         self.quant_conv = Conv(self.z_channels, self.quant_conv_ks, padding=pad, **kw)
         self.post_quant_conv = Conv(self.z_channels, self.quant_conv_ks, padding=pad, **kw)
@@ -185,11 +119,11 @@ class VQVAE(nn.Module):
 
     def encode(self, img, train: bool = False):
         """Image NHWC in [-1, 1] -> f (B, h, w, Cvae) = quant_conv(encoder(img))."""
-        return self.quant_conv(self.encoder(img, train))
+        return self.quant_conv(self.encoder(img, deterministic=not train))
 
     def decode(self, f_hat, train: bool = False):
         """f_hat -> decoder(post_quant_conv(f_hat)), not clamped (the training reconstruction)."""
-        return self.decoder(self.post_quant_conv(f_hat), train)
+        return self.decoder(self.post_quant_conv(f_hat), deterministic=not train)
 
     def fhat_to_img(self, f_hat):
         return jnp.clip(self.decode(f_hat).astype(jnp.float32), -1.0, 1.0)

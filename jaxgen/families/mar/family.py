@@ -129,19 +129,12 @@ class MARFamily(Family):
             self._tok = KLVAEFamily(cfg)
         return self._tok
 
-    @staticmethod
-    def _tokenizer_params(frozen: Any):
-        if not isinstance(frozen, dict) or "tokenizer" not in frozen:
-            raise ConfigError("MAR needs the tokenizer params in frozen['tokenizer'] (the pipeline loads them from the "
-                              "tokenizer run or config.tokenizer.checkpoint)")
-        return frozen["tokenizer"]
-
     def latents_from_batch(self, batch: Batch, rng: jax.Array, frozen: Any) -> jax.Array:
         """Scaled posterior sample (B, h, w, z): from cached moments, or by encoding batch['image']."""
         if self.cached:
             moments = batch["moments"]
         else:
-            moments = self.tokenizer_family.encode_moments(self._tokenizer_params(frozen), batch["image"])
+            moments = self.tokenizer_family.encode_moments(self.tokenizer_params(frozen), batch["image"])
         # The posterior is sampled at train time, as official (also with cached moments).
         z = DiagonalGaussian(jax.lax.stop_gradient(moments)).sample(rng)
         return z * self.scale_factor
@@ -294,5 +287,5 @@ class MARFamily(Family):
             params, labels, rng, num_iter=int(s.get("num_iter", 64)), cfg=float(s.get("cfg", 1.0)),
             cfg_schedule=str(s.get("cfg_schedule", "linear")), temperature=float(s.get("temperature", 1.0)),
             num_sampling_steps=s.get("num_sampling_steps", None))
-        images = self.tokenizer_family.decode(self._tokenizer_params(frozen), latents / self.scale_factor)
+        images = self.tokenizer_family.decode(self.tokenizer_params(frozen), latents / self.scale_factor)
         return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

@@ -104,17 +104,10 @@ class VARFamily(Family):
 
         return MSVQFamily(tok_cfg)
 
-    @staticmethod
-    def _tokenizer_params(frozen: Any):
-        if not isinstance(frozen, dict) or "tokenizer" not in frozen:
-            raise ConfigError("VAR needs the tokenizer params in frozen['tokenizer'] (the pipeline loads them from the "
-                              "tokenizer run or config.tokenizer.checkpoint)")
-        return frozen["tokenizer"]
-
     def teacher_forcing_inputs(self, images: jax.Array, frozen: Any) -> Tuple[List[jax.Array], jax.Array]:
         """Images -> (token ids per scale [(B, pn^2)], teacher-forcing input (B, L - first_l, Cvae)), both cut to the
         first `train_scales` scales."""
-        tok_params = self._tokenizer_params(frozen)
+        tok_params = self.tokenizer_params(frozen)
         idx_list = self.tokenizer_family.img_to_idx(tok_params, images)
         x_in = self.tokenizer_family.idx_to_var_input(tok_params, idx_list)
         k = self.train_scales
@@ -160,4 +153,4 @@ class VARFamily(Family):
         in [-1, 1]. Call under jit (`jaxgen.sampling.generate` does): every scale unrolls into one program, compiled
         once per batch size."""
         return autoregressive_infer_cfg(self.model, self.tokenizer_family.model, params,
-                                        self._tokenizer_params(frozen), labels, rng, **self.sample_settings())
+                                        self.tokenizer_params(frozen), labels, rng, **self.sample_settings())
