@@ -75,37 +75,8 @@ class _Level(nn.Module):
         return h
 
 
-class ConvEncoder(nn.Module):
-    """Image (B, H, W, C) -> (B, H / 2^(L-1), W / 2^(L-1), out_channels)."""
-
-    ch: int = 128
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    out_channels: int = 32
-    attn_levels: Sequence[int] = ()
-    mid_attn: bool = True
-    fused_qkv: bool = False
-    dropout: float = 0.0
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        level = dict(fused_qkv=self.fused_qkv, dropout=self.dropout, num_groups=self.num_groups, **kw)
-        h = Conv(self.ch, 3, padding=1, name="conv_in", **kw)(x)
-        last = len(self.ch_mult) - 1
-        for i, mult in enumerate(self.ch_mult):
-            h = _Level(self.ch * mult, self.num_res_blocks, i in tuple(self.attn_levels),
-                       "down" if i != last else None, name=f"down_{i}", **level)(h, deterministic)
-        h = _Mid(self.mid_attn, name="mid", **level)(h, deterministic)
-        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
-        return Conv(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)
-
-
-class ConvDecoder(nn.Module):
-    """Latent (B, h, w, z) -> image (B, h * 2^(L-1), w * 2^(L-1), out_channels)."""
+class _ConvStack(nn.Module):
+    """Fields shared by the encoder and the decoder."""
 
     ch: int = 128
     ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -119,10 +90,35 @@ class ConvDecoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def _level_kwargs(self):
+        return dict(fused_qkv=self.fused_qkv, dropout=self.dropout, num_groups=self.num_groups, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
+
+
+class ConvEncoder(_ConvStack):
+    """Image (B, H, W, C) -> (B, H / 2^(L-1), W / 2^(L-1), out_channels)."""
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        level = self._level_kwargs()
+        h = Conv(self.ch, 3, padding=1, name="conv_in", **kw)(x)
+        last = len(self.ch_mult) - 1
+        for i, mult in enumerate(self.ch_mult):
+            h = _Level(self.ch * mult, self.num_res_blocks, i in tuple(self.attn_levels),
+                       "down" if i != last else None, name=f"down_{i}", **level)(h, deterministic)
+        h = _Mid(self.mid_attn, name="mid", **level)(h, deterministic)
+        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
+        return Conv(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)
+
+
+class ConvDecoder(_ConvStack):
+    """Latent (B, h, w, z) -> image (B, h * 2^(L-1), w * 2^(L-1), out_channels)."""
+
     @nn.compact
     def __call__(self, z, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        level = dict(fused_qkv=self.fused_qkv, dropout=self.dropout, num_groups=self.num_groups, **kw)
+        level = self._level_kwargs()
         last = len(self.ch_mult) - 1
         h = Conv(self.ch * self.ch_mult[last], 3, padding=1, name="conv_in", **kw)(z)
         h = _Mid(self.mid_attn, name="mid", **level)(h, deterministic)
