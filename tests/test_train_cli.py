@@ -128,6 +128,11 @@ def test_unknown_family(tmp_path):
     _assert_one_line_error(proc, "gan", "config.family")
 
 
+def test_sampling_a_tokenizer_config(tmp_path):
+    proc = run_main([*TINY_VAE, f"--workdir={tmp_path}", "--mode=sample"])
+    _assert_one_line_error(proc, "no class-conditional sampler", "configs/mar_tiny.py")
+
+
 def _tree_digest(root):
     h = hashlib.sha256()
     for dirpath, _, files in sorted(os.walk(root)):

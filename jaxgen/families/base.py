@@ -47,7 +47,13 @@ class Family(abc.ABC):
 
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
         """Class-conditional samples as float32 NHWC images in [-1, 1] (settings from config.sample)."""
-        raise NotImplementedError(f"family {self.name} has no sampler")
+        raise ConfigError(f"family {self.name!r} has no class-conditional sampler (a tokenizer reconstructs, it does not "
+                          "generate): use --mode=sample / eval with a generator config such as configs/mar_tiny.py or "
+                          "configs/var_tiny.py")
+
+    @property
+    def can_sample(self) -> bool:
+        return type(self).sample is not Family.sample
 
     def weight_decay_mask(self, params: Params) -> Any:
         """Default: decay every parameter with ndim >= 2 (biases, norms and other 1-D params excluded)."""

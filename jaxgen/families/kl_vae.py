@@ -73,9 +73,6 @@ class KLVAEFamily(Family):
         """
         return jnp.zeros((), jnp.float32), {}
 
-    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        raise NotImplementedError("kl_vae is a tokenizer: it has no class-conditional sampler; use reconstruct()")
-
     def dummy_batch(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
         s, c = self.image_size, self.model.in_channels
         return {"image": jax.ShapeDtypeStruct((batch_size, s, s, c), jnp.float32),

@@ -102,9 +102,6 @@ class MSVQFamily(Family):
             return p.ndim >= 2 and "codebook" not in jax.tree_util.keystr(path)
         return jax.tree_util.tree_map_with_path(decay, params)
 
-    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        raise NotImplementedError("msvq is a tokenizer: it has no class-conditional sampler; use reconstruct()")
-
     def dummy_batch(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
         s, c = self.image_size, self.model.in_channels
         return {"image": jax.ShapeDtypeStruct((batch_size, s, s, c), jnp.float32),
