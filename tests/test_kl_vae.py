@@ -7,6 +7,7 @@ import pytest
 
 from configs.kl_vae_tiny import get_config
 from jaxgen.convert.kl_vae import _torch_name, convert_kl_vae
+from jaxgen.errors import ConfigError
 from jaxgen.families import build
 from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample
 from jaxgen.tokenizers.kl_vae import AutoencoderKL, DiagonalGaussian
@@ -41,7 +42,8 @@ def test_tiny_encode_decode_shapes(family, params):
     assert r.shape == x.shape and float(jnp.max(jnp.abs(r))) <= 1.0
     batch = family.dummy_batch(4)
     assert batch["image"].shape == (4, 32, 32, 1) and batch["label"].shape == (4,)
-    with pytest.raises(NotImplementedError):
+    assert not family.can_sample
+    with pytest.raises(ConfigError, match="no class-conditional sampler"):
         family.sample(params, None, jnp.zeros((2,), jnp.int32), jax.random.key(0))
 
 
