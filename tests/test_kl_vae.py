@@ -20,7 +20,7 @@ def family():
 
 @pytest.fixture(scope="module")
 def params(family):
-    return nn.meta.unbox(family.init(jax.random.key(0)))
+    return nn.meta.unbox(jax.jit(family.init)(jax.random.key(0)))  # jitted: one compile, not one per op
 
 
 def _images(n=2, size=32, c=1, seed=0):
@@ -68,7 +68,7 @@ def test_loss_l2_and_weight_decay_mask():
     cfg = get_config()
     cfg.model.recon_loss = "l2"
     fam = build(cfg)
-    p = nn.meta.unbox(fam.init(jax.random.key(0)))
+    p = nn.meta.unbox(jax.jit(fam.init)(jax.random.key(0)))
     x = _images()
     loss, m = fam.loss(p, {"image": x, "label": jnp.zeros((2,), jnp.int32)}, jax.random.key(0), {})
     np.testing.assert_allclose(float(m["recon"]), float(m["mse"]) * 32 * 32, rtol=1e-5)  # summed per image
@@ -81,7 +81,7 @@ def test_bfloat16_compute_runs():
     cfg = get_config()
     cfg.compute_dtype = "bfloat16"
     fam = build(cfg)
-    p = nn.meta.unbox(fam.init(jax.random.key(0)))
+    p = nn.meta.unbox(jax.jit(fam.init)(jax.random.key(0)))
     x = _images()
     loss, _ = fam.loss(p, {"image": x, "label": jnp.zeros((2,), jnp.int32)}, jax.random.key(0), {})
     assert np.isfinite(float(loss))

@@ -38,9 +38,10 @@ def family():
 
 @pytest.fixture(scope="module")
 def params(family):
-    return nn.meta.unbox(family.init(jax.random.PRNGKey(0)))
+    return nn.meta.unbox(jax.jit(family.init)(jax.random.PRNGKey(0)))  # jitted: one compile, not one per op
 
 
+@jax.jit  # one compile instead of one eager kernel per leaf shape
 def _perturbed(params):
     # The official init zeroes the head's adaLN / output layers, which blocks all gradient into the transformer
     # at step 0; small noise on every leaf makes every parameter's gradient observable.
@@ -69,19 +70,20 @@ def test_dummy_batch_and_keys(family):
 def test_loss_finite_and_grads_reach_transformer_and_head(family, params):
     p = _perturbed(params)
     batch = _batch(family)
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda q: family.loss(q, batch, jax.random.PRNGKey(3), {}), has_aux=True))(p)
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda q, rng: family.loss(q, batch, rng, {}), has_aux=True))
+    (loss, metrics), grads = loss_and_grad(p, jax.random.PRNGKey(3))
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert 0.7 <= float(metrics["mask_ratio"]) <= 1.0
-    norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(g)) for k, g in
+    norms = {jax.tree_util.keystr(k): float(np.linalg.norm(np.asarray(g))) for k, g in
              jax.tree_util.tree_flatten_with_path(grads)[0]}
     assert all(np.isfinite(v) for v in norms.values())
     for frag in ("z_proj", "encoder_blocks", "decoder_blocks", "decoder_pos_embed_learned", "mask_token",
                  "diffusion_pos_embed_learned", "class_emb", "diffloss"):
         assert max(v for k, v in norms.items() if frag in k) > 0, frag
     # Same rng -> same loss (deterministic given rng); different rng -> different draw.
-    l2, _ = family.loss(p, batch, jax.random.PRNGKey(3), {})
-    l3, _ = family.loss(p, batch, jax.random.PRNGKey(4), {})
+    # (the same compiled program again: eager op-by-op calls would compile every op, ~20 s on a cold cache)
+    (l2, _), _ = loss_and_grad(p, jax.random.PRNGKey(3))
+    (l3, _), _ = loss_and_grad(p, jax.random.PRNGKey(4))
     np.testing.assert_allclose(float(l2), float(loss), rtol=1e-5)
     assert float(l3) != float(loss)
 

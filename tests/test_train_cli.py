@@ -22,8 +22,14 @@ def _train(workdir, steps, devices=1, extra=(), **env_extra):
     return losses(str(workdir))
 
 
-def test_eight_devices_match_one(tmp_path):
-    one = _train(tmp_path / "one", 10)
+@pytest.fixture(scope="module")
+def one_device_losses(tmp_path_factory):
+    """The 1-device, 1-process reference run the device-count and process-count tests compare against."""
+    return _train(tmp_path_factory.mktemp("one"), 10)
+
+
+def test_eight_devices_match_one(tmp_path, one_device_losses):
+    one = one_device_losses
     # Pure data parallel over 8 simulated devices, and a 2 x 4 (data x fsdp) mesh with sharded params/optimizer.
     eight = _train(tmp_path / "eight", 10, devices=8)
     fsdp = _train(tmp_path / "fsdp", 10, devices=8, extra=["--config.mesh.shape=(2,4,1)"])
@@ -35,8 +41,8 @@ def test_eight_devices_match_one(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one(tmp_path):
-    one = _train(tmp_path / "one", 10)
+def test_two_processes_match_one(tmp_path, one_device_losses):
+    one = one_device_losses
     workdir = tmp_path / "two"
     launcher = os.path.join(REPO, "launch", "local_multiprocess.py")
     cmd = [sys.executable, launcher, "--num_processes=2", "--devices_per_process=1", f"--log_dir={tmp_path}", "--",
