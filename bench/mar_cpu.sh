@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
 B="--config.compute_dtype=float32"
-python bench/throughput.py --config=configs/mar_b.py:cached --what=train --config.batch_size=4 --steps=3 $B \
+python bench/throughput.py --config=configs/mar_b.py:cached --what=train --config.batch_size=4 --steps=5 $B \
     --json=bench/results/mar_b_train_cpu.json
 for it in 64 256; do
   python bench/throughput.py --config=configs/mar_b.py --what=sample --batch=2 --warmup=0 --repeats=1 $B \
