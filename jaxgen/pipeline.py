@@ -218,8 +218,7 @@ def load_for_sampling(config, workdir: str):
     from jaxgen.train.trainer import put_frozen, restore_params
 
     family = families.build(config)
-    if not family.can_sample:
-        family.sample(None, None, None, None)  # raises the ConfigError that names the fix, before any loading
+    family.require_sampler()
     source = workdir
     if not os.path.isdir(os.path.join(workdir, "checkpoints")) and config.get("init_from", ""):
         source = config.init_from

@@ -47,13 +47,21 @@ class Family(abc.ABC):
 
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
         """Class-conditional samples as float32 NHWC images in [-1, 1] (settings from config.sample)."""
-        raise ConfigError(f"family {self.name!r} has no class-conditional sampler (a tokenizer reconstructs, it does not "
-                          "generate): use --mode=sample / eval with a generator config such as configs/mar_tiny.py or "
-                          "configs/var_tiny.py")
+        raise self._no_sampler_error()
 
     @property
     def can_sample(self) -> bool:
         return type(self).sample is not Family.sample
+
+    def require_sampler(self) -> None:
+        """Raise the one-line ConfigError for a family that cannot generate (a tokenizer), before anything is loaded."""
+        if not self.can_sample:
+            raise self._no_sampler_error()
+
+    def _no_sampler_error(self) -> ConfigError:
+        return ConfigError(f"family {self.name!r} has no class-conditional sampler (a tokenizer reconstructs, it does "
+                           "not generate): use --mode=sample / eval with a generator config such as "
+                           "configs/mar_tiny.py or configs/var_tiny.py")
 
     def weight_decay_mask(self, params: Params) -> Any:
         """Default: decay every parameter with ndim >= 2 (biases, norms and other 1-D params excluded)."""

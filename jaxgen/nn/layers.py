@@ -115,3 +115,19 @@ def gelu_exact(x):
 
 def gelu_tanh(x):
     return nn.gelu(x, approximate=True)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: each sample's residual branch is dropped with probability `rate` (kept ones scaled by
+    1 / (1 - rate)). Identity when deterministic or rate == 0."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        if deterministic or self.rate <= 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        per_sample = [x.shape[0]] + [1] * (x.ndim - 1)  # one draw per sample, broadcast over the rest
+        kept = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, tuple(per_sample))
+        return jnp.where(kept, x / keep_prob, 0.0).astype(x.dtype)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.nn.attention import dot_product_attention
-from jaxgen.nn.layers import Dense, Embed, LayerNorm, constrain, gelu_tanh, with_axes
+from jaxgen.nn.layers import Dense, DropPath, Embed, LayerNorm, constrain, gelu_tanh, with_axes
 
 Dtype = Any
 KV = Tuple[jax.Array, jax.Array]
@@ -82,19 +82,6 @@ def _ada_gss_init(c: int, first: float, rest: float):
 
 
 # ----------------------------------------------------------------------------- modules
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm), active only when not deterministic and rate > 0."""
-    rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        if deterministic or self.rate <= 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
-
-
 class VARSelfAttention(nn.Module):
     """qkv = x W + [q_bias | 0 | v_bias]; l2-normalised q, k with a learned per-head temperature exp(min(s, ln 100))
     and softmax scale 1 (attn_l2_norm) or the plain scale 0.25/sqrt(head_dim). Returns (out, (k, v)) where k, v include
