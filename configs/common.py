@@ -1,8 +1,28 @@
 """Fields every jaxgen config has; family config files start from `base_config()` and fill `model`, `data`, ...
 
-Config files are Python: `get_config(arg)` takes the text after `file.py:` (e.g. `configs/mar_tiny.py:runlocal`).
+Config files are Python: `get_config(arg)` takes the text after `file.py:` (e.g. `configs/mar_tiny.py:runlocal`), a
+comma list of variants that every config checks with `parse_variants`.
+
+Sections: `model` builds the family's module (strictly: every key a field), `loss` and the family keys of `sample`
+build the family's settings; the other keys are read by the family-agnostic trainer, data, mesh and checkpoint code.
 """
+from typing import Iterable, Optional, Set
+
 import ml_collections
+
+from jaxgen.errors import ConfigError
+
+
+def parse_variants(arg: Optional[str], allowed: Iterable[str], config_name: str) -> Set[str]:
+    """The comma-separated variants after `file.py:`; an unknown one is a ConfigError in one format for all configs."""
+    allowed = tuple(allowed)
+    chosen = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    bad = sorted(chosen - set(allowed))
+    if bad:
+        choices = f"choose from {', '.join(allowed)}" if allowed else "it takes none"
+        raise ConfigError(f"unknown variant {', '.join(repr(b) for b in bad)} for configs/{config_name}.py: {choices} "
+                          f"(comma separated after ':')")
+    return chosen
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -14,7 +34,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.sample_every = 0  # 0: never during training
-    c.eval_every = 0
 
     # Numerics: params in param_dtype, matmuls/activations in compute_dtype; norms, softmax and losses in float32.
     c.compute_dtype = "float32"
@@ -23,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.scan_layers = False
     c.attention_impl = "auto"  # auto | xla | cudnn
 
-    c.model = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()  # the family's module fields
+    c.loss = ml_collections.ConfigDict()  # the family's loss settings (see its LossSettings)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -81,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_per_class = 100
     c.sample.batch_size = 100
     c.sample.use_ema = True
-    c.sample.grid_rows = 10
+    c.sample.grid_per_class = 10  # samples of each class in grid.png (one row per class)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # a tokenizer run's workdir; "" = train one under <workdir>/tokenizer

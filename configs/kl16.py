@@ -5,10 +5,11 @@ Training settings follow the LDM kl-f16 recipe the authors used (batch 256, lr 1
 the LPIPS and patch-GAN terms of that recipe are not implemented (KLVAEFamily.extra_losses is the hook), so training
 from scratch with this config will not reach the released model's quality.
 """
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 
 def get_config(arg=None):
+    parse_variants(arg, (), "kl16")
     c = base_config()
     c.family = "kl_vae"
     c.batch_size = 256
@@ -28,8 +29,8 @@ def get_config(arg=None):
     m.dropout = 0.0
     m.num_groups = 32
     m.use_variational = True
-    m.recon_loss = "l1"
-    m.kl_weight = 1e-6
+    c.loss.recon_loss = "l1"
+    c.loss.kl_weight = 1e-6
     m.scale_factor = 0.2325  # MAR multiplies posterior samples by this (1 / std of ImageNet latents)
 
     c.data.source = "tfds"

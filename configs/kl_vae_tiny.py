@@ -2,10 +2,11 @@
 
 Stride 4: 32x32x1 images <-> 8x8x4 latents. `get_config(arg)`: arg is unused.
 """
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 
 def get_config(arg=None):
+    parse_variants(arg, (), "kl_vae_tiny")
     c = base_config()
     c.family = "kl_vae"
     c.batch_size = 64
@@ -27,8 +28,8 @@ def get_config(arg=None):
     m.embed_dim = 4
     m.double_z = True
     m.dropout = 0.0
-    m.recon_loss = "l1"
-    m.kl_weight = 1e-4
+    c.loss.recon_loss = "l1"
+    c.loss.kl_weight = 1e-4
     # 1 / std of this VAE's digit latents (measured 1.37 after 1200 steps): MAR's diffusion head expects
     # unit-scale tokens, as KL-16's 0.2325 does for ImageNet.
     m.scale_factor = 0.75

@@ -5,7 +5,7 @@
   nocfg   sampling without CFG (cfg 1.0, temperature 0.95; paper Table 4 "w/o CFG")
   folder  read ImageNet from an image folder (config.data.data_dir) instead of TFDS
 """
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 IMAGENET_TRAIN_IMAGES = 1281167
 
@@ -19,16 +19,10 @@ VARIANTS = ("cached", "nocfg", "folder")
 
 
 def kl16_tokenizer_config():
-    """The official KL-16 tokenizer (AutoencoderKL defaults = KL-16), as the stage-1 run config."""
-    try:
-        from configs import kl16  # the dedicated tokenizer config, where present
-        return kl16.get_config()
-    except ImportError:
-        t = base_config()
-        t.family = "kl_vae"
-        t.model.scale_factor = 0.2325
-        _imagenet_data(t)
-        return t
+    """The official KL-16 tokenizer, as the stage-1 run config."""
+    from configs import kl16
+
+    return kl16.get_config()
 
 
 def _imagenet_data(c, folder: bool = False):
@@ -41,17 +35,9 @@ def _imagenet_data(c, folder: bool = False):
     c.data.random_flip = True
 
 
-def parse_variants(arg):
-    chosen = [a.strip() for a in (arg or "").split(",") if a.strip()]
-    bad = [a for a in chosen if a not in VARIANTS]
-    if bad:
-        raise ValueError(f"unknown MAR config variant(s) {bad}; choose from {VARIANTS} (comma separated)")
-    return set(chosen)
-
-
 def mar_config(size: str, arg=None):
     s = SIZES[size]
-    variants = parse_variants(arg)
+    variants = parse_variants(arg, VARIANTS, f"mar_{size}")
     c = base_config()
     c.family = "mar"
     c.batch_size = 2048

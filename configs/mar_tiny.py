@@ -8,16 +8,13 @@ Variants (`configs/mar_tiny.py:<arg>`):
   runlocal  a few steps of each stage (smoke test of the whole pipeline in about a minute)
 """
 from configs import kl_vae_tiny
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 VARIANTS = ("runlocal",)
 
 
 def get_config(arg=None):
-    variants = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    bad = variants - set(VARIANTS)
-    if bad:
-        raise ValueError(f"unknown mar_tiny variant(s) {sorted(bad)}; choose from {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "mar_tiny")
 
     c = base_config()
     c.family = "mar"
@@ -45,7 +42,6 @@ def get_config(arg=None):
     m.diffloss_d = 2
     m.diffloss_w = 128
     m.diffusion_batch_mul = 4
-    m.num_sampling_steps = "100"
 
     o = c.optim
     o.lr = 1e-3

@@ -5,12 +5,13 @@ Stride 8: 32x32x1 images <-> a 4x4x8 feature map quantised over the scales (1, 2
 the dead-code pull) as the full VQVAE (configs/vqvae_256.py); only sizes and the schedule are scaled down, sized for
 2 CPU cores. The default tokenizer of configs/var_tiny.py. `get_config(arg)`: arg is unused.
 """
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 PATCH_NUMS = (1, 2, 3, 4)
 
 
 def get_config(arg=None):
+    parse_variants(arg, (), "msvq_tiny")
     c = base_config()
     c.family = "msvq"
     c.batch_size = 64
@@ -34,9 +35,9 @@ def get_config(arg=None):
     m.quant_resi = 0.5
     m.share_quant_resi = 4
     m.v_patch_nums = PATCH_NUMS
-    m.recon_loss = "l2"
-    m.vq_weight = 1.0
-    m.dead_code_weight = 0.1
+    c.loss.recon_loss = "l2"
+    c.loss.vq_weight = 1.0
+    c.loss.dead_code_weight = 0.1
 
     c.optim.lr = 2e-3
     c.optim.schedule = "cosine"

@@ -12,9 +12,9 @@ linear down to wpe x peak), grad clip 2.0, no EMA. Sampling: the README's FID se
 top-p 0.96, 50 images per class).
 Differences: the official loader resizes the short side to 288 (Lanczos) and random-crops 256; jaxgen's ImageNet
 pipeline gives its own 256px crops. Progressive training (off by default officially) is available as
-config.model.train_scales (see jaxgen/families/var/family.py).
+config.loss.train_scales (see jaxgen/families/var/family.py).
 """
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 from configs.vqvae_256 import PATCH_NUMS_256, PATCH_NUMS_512, vqvae_config
 
 IMAGENET_TRAIN_IMAGES = 1281167
@@ -30,14 +30,6 @@ RECIPES = {
 VARIANTS = ("no_l2norm", "folder")
 
 
-def parse_variants(arg):
-    chosen = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    bad = chosen - set(VARIANTS)
-    if bad:
-        raise ValueError(f"unknown VAR config variant(s) {sorted(bad)}; choose from {VARIANTS} (comma separated)")
-    return chosen
-
-
 def _imagenet_data(c, image_size: int, folder: bool):
     c.data.source = "imagefolder" if folder else "tfds"
     c.data.name = "" if folder else "imagenet2012"
@@ -50,7 +42,7 @@ def _imagenet_data(c, image_size: int, folder: bool):
 
 def var_config(depth: int, arg=None):
     r = RECIPES[depth]
-    variants = parse_variants(arg)
+    variants = parse_variants(arg, VARIANTS, f"var_d{depth}")
     image_size = r.get("image_size", 256)
     patch_nums = PATCH_NUMS_512 if image_size == 512 else PATCH_NUMS_256
 
@@ -78,8 +70,8 @@ def var_config(depth: int, arg=None):
     m.init_adaln_gamma = r["alng"]
     m.init_head = 0.02
     m.init_std = -1.0  # sqrt(1 / (3 * width))
-    m.label_smoothing = 0.0
-    m.train_scales = 0  # all scales (no progressive training)
+    c.loss.label_smoothing = 0.0
+    c.loss.train_scales = 0  # all scales (no progressive training)
 
     o = c.optim
     o.name = "adamw"

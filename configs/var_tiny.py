@@ -9,16 +9,13 @@ Variants (`configs/var_tiny.py:<arg>`):
   runlocal  a few steps of each stage (smoke test of the whole pipeline)
 """
 from configs import msvq_tiny
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 VARIANTS = ("runlocal",)
 
 
 def get_config(arg=None):
-    variants = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    bad = variants - set(VARIANTS)
-    if bad:
-        raise ValueError(f"unknown var_tiny variant(s) {sorted(bad)}; choose from {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "var_tiny")
 
     c = base_config()
     c.family = "var"
@@ -41,7 +38,7 @@ def get_config(arg=None):
     m.init_adaln_gamma = 1e-3
     m.init_head = 0.02
     m.num_classes = 10
-    m.label_smoothing = 0.0
+    c.loss.label_smoothing = 0.0
 
     o = c.optim
     o.lr = 1e-3

@@ -7,7 +7,7 @@ with unknown weights). The optimizer settings below are jaxgen's own choice (the
 betas (0.5, 0.9), lr 1e-4); only the L2 + VQ part of the loss is implemented (MSVQFamily.extra_losses is the hook for
 LPIPS / GAN terms), so training from scratch with this config will not reach the released model's quality.
 """
-from configs.common import base_config
+from configs.common import base_config, parse_variants
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # VAR-d36-s: the same VQVAE on 512px images
@@ -40,9 +40,9 @@ def vqvae_config(image_size: int = 256, patch_nums=PATCH_NUMS_256):
     m.quant_resi = 0.5
     m.share_quant_resi = 4
     m.v_patch_nums = tuple(patch_nums)
-    m.recon_loss = "l2"
-    m.vq_weight = 1.0
-    m.dead_code_weight = 0.1
+    c.loss.recon_loss = "l2"
+    c.loss.vq_weight = 1.0
+    c.loss.dead_code_weight = 0.1
 
     o = c.optim
     o.lr = 1e-4
@@ -63,4 +63,5 @@ def vqvae_config(image_size: int = 256, patch_nums=PATCH_NUMS_256):
 
 
 def get_config(arg=None):
+    parse_variants(arg, (), "vqvae_256")
     return vqvae_config(256, PATCH_NUMS_256)

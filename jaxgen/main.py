@@ -4,6 +4,7 @@ Thin on purpose: flags, multi-process start-up, then `jaxgen.pipeline.run`. Ever
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not any(s in record.pathname for s in self.NOISY)
 
 
-def main(argv):
+def main(argv, callbacks=()):
     del argv
     from jaxgen.errors import UserError
 
@@ -62,7 +63,7 @@ def main(argv):
         maybe_initialize_distributed()
         from jaxgen import pipeline
 
-        pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+        pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, callbacks=callbacks)
     except UserError as e:
         logging.shutdown()
         _fail(" ".join(str(e).split()))
@@ -70,8 +71,9 @@ def main(argv):
         _fail("interrupted", 130)
 
 
-def entry():
-    app.run(main, flags_parser=_parse)
+def entry(callbacks=()):
+    """The CLI; `callbacks` (objects with `on_step(trainer, step)`) reach the trainer, for scripts wrapping it."""
+    app.run(functools.partial(main, callbacks=tuple(callbacks)), flags_parser=_parse)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Run modes: train (tokenizer stage -> latent cache -> generator), sample, eval, cache.
+"""Run modes: train (tokenizer stage -> code cache -> generator), sample, eval, cache.
 
-A two-stage family is two runs of one system: the tokenizer is trained by the same trainer in
-<workdir>/tokenizer (unless config.tokenizer.workdir / .checkpoint point at one), its latents are cached
-by `cache`, and the generator trains on them.
+A two-stage family is two runs of one system: the tokenizer (`family.tokenizer`, resolved once by
+`jaxgen.families.build_tokenizer`) is trained by the same trainer in <workdir>/tokenizer (unless
+config.tokenizer.workdir / .checkpoint point at one), its codes are cached by `cache`, and the generator trains on them.
 """
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from jaxgen import families
-from jaxgen.errors import ConfigError, UserError
-from jaxgen.train import export
+from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.train import export, restore
 
 MODES = ("train", "sample", "eval", "cache")
 
@@ -33,146 +33,134 @@ def save_config(config, workdir: str, name: str = "config") -> None:
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 
-def tokenizer_config(config) -> Optional[ml_collections.ConfigDict]:
-    tok = config.get("tokenizer")
-    if tok is None or tok.get("config") is None:
-        return None
-    return tok.config
-
-
 def tokenizer_workdir(config, workdir: str) -> str:
     tok = config.tokenizer
     return os.path.abspath(tok.workdir) if tok.get("workdir") else os.path.join(os.path.abspath(workdir), "tokenizer")
 
 
-def tokenizer_source(config, workdir: str) -> Optional[str]:
+def tokenizer_source(config, workdir: str) -> str:
     """Where the tokenizer params come from: an explicit params checkpoint, or a tokenizer run's workdir."""
-    if tokenizer_config(config) is None:
-        return None
     explicit = config.tokenizer.get("checkpoint", "")
     if explicit:
         if not os.path.exists(explicit):
-            raise UserError(f"tokenizer checkpoint {explicit} does not exist; convert one with "
-                            f"`python -m jaxgen.convert` or clear config.tokenizer.checkpoint to train one")
+            raise CheckpointError(f"tokenizer checkpoint {explicit} does not exist; convert one with "
+                                  f"`python -m jaxgen.convert` or clear config.tokenizer.checkpoint to train one")
         return os.path.abspath(explicit)
     return tokenizer_workdir(config, workdir)
 
 
-def ensure_tokenizer(config, workdir: str) -> Optional[str]:
+def ensure_tokenizer(config, family, workdir: str) -> None:
     """Train the tokenizer when none is given and none is finished yet (resumes a half-trained one)."""
-    tok_cfg = tokenizer_config(config)
-    if tok_cfg is None:
-        return None
+    if family.tokenizer is None or config.tokenizer.get("checkpoint", ""):
+        return
     src = tokenizer_source(config, workdir)
-    if config.tokenizer.get("checkpoint", ""):
-        return src
-    if export.is_params_dir(os.path.join(src, "export")):
-        return src
-    logging.info("stage 1/2: training the %s tokenizer in %s", tok_cfg.family, src)
-    train(tok_cfg, src)
-    return src
+    if restore.export_dir(src) is None:
+        logging.info("stage 1/2: training the %s tokenizer in %s", family.tokenizer.name, src)
+        train(config.tokenizer.config, src)
 
 
-def load_tokenizer_params(config, workdir: str) -> Any:
+def load_frozen(config, family, workdir: str, mesh) -> dict:
+    """frozen['tokenizer'] = the tokenizer's params, replicated on `mesh` ({} for a family without a tokenizer)."""
+    if family.tokenizer is None:
+        return {}
     src = tokenizer_source(config, workdir)
-    if src is None:
-        return None
-    path = src if export.is_params_dir(src) else os.path.join(src, "export")
-    if not export.is_params_dir(path):
-        raise UserError(f"no trained tokenizer found at {src}; run --mode=train first (it trains one) or set "
-                        f"config.tokenizer.checkpoint to a converted tokenizer")
-    return export.load_params(path)
-
-
-def frozen_for(config, workdir: str) -> dict:
-    params = load_tokenizer_params(config, workdir)
-    return {} if params is None else {"tokenizer": params}
+    if restore.export_dir(src) is None and not os.path.isdir(restore.checkpoint_dir(src)):
+        raise CheckpointError(f"no trained tokenizer found at {src}; run --mode=train first (it trains one) or set "
+                              f"config.tokenizer.checkpoint to a converted tokenizer")
+    tok_cfg = config.tokenizer.config
+    params, _ = restore.load_params(tok_cfg, src, family.tokenizer, mesh, prefer_ema=True)
+    return {"tokenizer": restore.replicate(params, mesh)}
 
 
 # ----------------------------------------------------------------------------------------------- cache
 
 def cache_dir(config, workdir: str) -> str:
     return os.path.abspath(config.data.data_dir) if config.data.get("data_dir") else os.path.join(
-        os.path.abspath(workdir), "latent_cache")
+        os.path.abspath(workdir), "code_cache")
 
 
-def cache_latents(config, workdir: str) -> str:
-    """Encode the tokenizer's dataset (each image and its flip) into moments once: `--mode=cache`.
+def cache_codes(config, workdir: str, family=None) -> str:
+    """Encode the tokenizer's dataset (each image and its flip) once through the tokenizer protocol: `--mode=cache`.
 
     Every process encodes its rows of each global batch on the mesh; process 0 writes the cache (memory-mapped, so
     ImageNet-sized caches never sit in host memory). meta.json is written last: an interrupted cache is redone.
     """
+    from jax.experimental import multihost_utils
+
     from jaxgen.data import pipeline as data_pipeline
     from jaxgen.data import sources
     from jaxgen.parallel import mesh as mesh_lib
     from jaxgen.parallel import sharding as sh
-    from jaxgen.train.trainer import put_frozen
-    from jax.experimental import multihost_utils
 
-    tok_cfg = tokenizer_config(config)
-    if tok_cfg is None:
-        raise ConfigError(f"family {config.family} has no tokenizer, so there is nothing to cache; "
-                          f"use --mode=train")
+    family = family or families.build(config)
+    tok = family.tokenizer
+    if tok is None:
+        raise ConfigError(f"family {config.family} has no tokenizer, so there is nothing to cache; use --mode=train")
     out = cache_dir(config, workdir)
-    if sources.latent_cache_exists(out):
-        logging.info("latent cache already present in %s", out)
+    if sources.code_cache_exists(out):
+        logging.info("code cache already present in %s", out)
         return out
-    tok_family = families.build(tok_cfg)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = sh.rules_tuple(config.mesh.rules)
-    params = put_frozen(load_tokenizer_params(config, workdir), mesh)
+    params = load_frozen(config, family, workdir, mesh)["tokenizer"]
     dp = mesh_lib.data_parallel_size(mesh, rules)
     batch_size = max(dp, (int(config.get("cache_batch_size", 256)) // dp) * dp)
+    specs = {k: (s.shape, s.dtype) for k, s in tok.code_shapes().items()}
 
     @jax.jit
     def encode(p, images):
-        return tok_family.encode_moments(p, images), tok_family.encode_moments(p, images[:, :, ::-1])
+        return tok.encode(p, images), tok.encode(p, images[:, :, ::-1])
 
+    tok_data = config.tokenizer.config.data
     writer, count, t0 = None, 0, time.time()
     with jax.set_mesh(mesh):
-        for local in data_pipeline.iterate_dataset_once(tok_cfg.data, batch_size=batch_size):
+        for local in data_pipeline.iterate_dataset_once(tok_data, batch_size=batch_size):
             batch = sh.global_batch({k: local[k] for k in ("image", "label", "mask", "index")}, mesh, rules)
-            moments, moments_flip = encode(params, batch["image"])
+            codes, codes_flip = encode(params, batch["image"])
             host = multihost_utils.process_allgather(
-                {"moments": moments, "moments_flip": moments_flip, "label": batch["label"], "mask": batch["mask"],
+                {"codes": codes, "flip": codes_flip, "label": batch["label"], "mask": batch["mask"],
                  "index": batch["index"]}, tiled=True)
             if writer is None and jax.process_index() == 0:
-                total = len(data_pipeline.build_source(tok_cfg.data))
-                writer = sources.LatentCacheWriter(out, total, host["moments"].shape[1:])
+                writer = sources.CodeCacheWriter(out, len(data_pipeline.build_source(tok_data)), specs)
             keep = np.asarray(host["mask"], bool)
             if writer is not None:
-                writer.write(np.asarray(host["index"])[keep], np.asarray(host["moments"])[keep],
-                             np.asarray(host["moments_flip"])[keep], np.asarray(host["label"])[keep])
+                writer.write(np.asarray(host["index"])[keep], {k: np.asarray(v)[keep] for k, v in host["codes"].items()},
+                             {k: np.asarray(v)[keep] for k, v in host["flip"].items()},
+                             np.asarray(host["label"])[keep])
             count += int(keep.sum())
     if writer is not None:
-        writer.finish({"tokenizer": tok_cfg.family, "dataset": tok_cfg.data.to_dict()})
-    multihost_utils.sync_global_devices("latent_cache_written")
-    logging.info("cached the moments of %d images (and their flips) in %s (%.0fs)", count, out, time.time() - t0)
+        writer.finish({"tokenizer": tok.name, "dataset": tok_data.to_dict()})
+    multihost_utils.sync_global_devices("code_cache_written")
+    logging.info("cached the %s codes of %d images (and their flips) in %s (%.0fs)", tok.name, count, out,
+                 time.time() - t0)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- train
 
-def train(config, workdir: str):
-    """Train `config.family` in `workdir` (auto-resume); for a two-stage family, the tokenizer stage first."""
+def train(config, workdir: str, callbacks: Sequence[Any] = ()):
+    """Train `config.family` in `workdir` (auto-resume); for a two-stage family, the tokenizer stage first.
+
+    `callbacks`: objects with `on_step(trainer, step)` called after every step (tests use one to slow steps down).
+    """
     from jaxgen.data import pipeline as data_pipeline
+    from jaxgen.parallel import mesh as mesh_lib
     from jaxgen.train.trainer import Trainer
 
     workdir = os.path.abspath(workdir)
-    save_config(config, workdir)
-    frozen = {}
-    if tokenizer_config(config) is not None:
-        ensure_tokenizer(config, workdir)
-        if config.data.source == "cached":
-            cache_latents(config, workdir)
-        frozen = frozen_for(config, workdir)
-        logging.info("stage 2/2: training %s in %s", config.family, workdir)
-    data_cfg = _resolved_data(config, workdir)
     family = families.build(config)
-    trainer = Trainer(config, workdir, frozen=frozen, family=family)
-    data_iter = data_pipeline.make_train_iterator(data_cfg, family.batch_keys, config.batch_size, seed=config.seed)
-    on_sample = _periodic_sampler(config, workdir, family) if config.sample_every else None
-    result = trainer.run(data_iter, on_sample=on_sample)
+    save_config(config, workdir)
+    if family.tokenizer is not None:
+        ensure_tokenizer(config, family, workdir)
+        if family.cached:
+            cache_codes(config, workdir, family)
+        logging.info("stage 2/2: training %s in %s", config.family, workdir)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    trainer = Trainer(config, workdir, family=family, mesh=mesh, frozen=load_frozen(config, family, workdir, mesh))
+    data_iter = data_pipeline.make_train_iterator(_resolved_data(config, workdir), family.batch_keys,
+                                                  config.batch_size, seed=config.seed)
+    on_sample = _periodic_sampler(config, workdir, family, trainer) if config.sample_every else None
+    result = trainer.run(data_iter, on_sample=on_sample, callbacks=callbacks)
     if not result.stopped_by_signal and result.step >= config.total_steps:
         _export_final(trainer, config, workdir)
     trainer.close()
@@ -193,19 +181,21 @@ def _export_final(trainer, config, workdir):
                        {"family": config.family, "step": int(jax.device_get(state.step))})
 
 
-def _periodic_sampler(config, workdir, family):
+def _periodic_sampler(config, workdir, family, trainer):
     from jaxgen import sampling
+    from jaxgen.utils.images import save_png
+
+    sampler = sampling.Sampler(family, trainer.mesh, trainer.rules)  # compiled at the first grid, reused after
 
     def on_sample(trainer, step, logger):
         params = trainer.state.ema_params if (config.sample.use_ema and trainer.state.ema_params is not None) \
             else trainer.state.params
-        labels = sampling.class_labels(config.data.num_classes, max(1, min(config.sample.num_per_class, 10)))
-        images = sampling.generate(family, params, trainer.frozen, labels, config.seed + step,
-                                   min(config.sample.batch_size, len(labels)), trainer.mesh, trainer.rules)
-        grid = sampling.class_grid(images, labels, 10)
+        per_class = max(1, min(config.sample.num_per_class, config.sample.grid_per_class))
+        labels = sampling.class_labels(config.data.num_classes, per_class)
+        images = sampler.generate(params, trainer.frozen, labels, config.seed + step,
+                                  min(config.sample.batch_size, len(labels)))
+        grid = sampling.class_grid(images, labels, per_class)
         if jax.process_index() == 0:
-            from jaxgen.utils.images import save_png
-
             save_png(os.path.join(workdir, "samples", f"train_grid_{step:08d}.png"), grid)
         logger.image("samples", step, grid)
 
@@ -215,46 +205,52 @@ def _periodic_sampler(config, workdir, family):
 # ----------------------------------------------------------------------------------------------- sample / eval
 
 def load_for_sampling(config, workdir: str):
-    from jaxgen.train.trainer import put_frozen, restore_params
+    """(family, params, frozen, mesh) of a run or of converted weights (`restore.load_params` order)."""
+    from jaxgen.parallel import mesh as mesh_lib
 
     family = families.build(config)
     family.require_sampler()
-    source = workdir
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")) and config.get("init_from", ""):
-        source = config.init_from
-    params, mesh = restore_params(config, source, family, prefer_ema=config.sample.use_ema)
-    frozen = put_frozen(frozen_for(config, workdir), mesh)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    params, _ = restore.load_params(config, workdir, family, mesh, prefer_ema=config.sample.use_ema)
+    frozen = load_frozen(config, family, workdir, mesh)
     return family, params, frozen, mesh
 
 
-def sample(config, workdir: str) -> str:
+def _generate(config, workdir):
     from jaxgen import sampling
 
     family, params, frozen, mesh = load_for_sampling(config, workdir)
     labels = sampling.class_labels(config.data.num_classes, config.sample.num_per_class)
-    images = sampling.generate(family, params, frozen, labels, config.seed, config.sample.batch_size, mesh,
-                               config.mesh.rules)
-    out = sampling.write_samples(os.path.join(workdir, "samples"), images, labels, config.sample.grid_rows)
+    images = sampling.Sampler(family, mesh, config.mesh.rules).generate(params, frozen, labels, config.seed,
+                                                                         config.sample.batch_size)
+    sampling.write_samples(os.path.join(workdir, "samples"), images, labels, config.sample.grid_per_class)
+    return images, labels
+
+
+def sample(config, workdir: str) -> str:
+    images, labels = _generate(config, workdir)
+    out = os.path.join(workdir, "samples")
     logging.info("wrote %s/samples.npz and grid.png", out)
     return out
 
 
+def _trained_on_digits(config) -> bool:
+    if config.data.source == "digits":
+        return True
+    tok = config.get("tokenizer")
+    return config.data.source == "cached" and tok is not None and tok.get("config") is not None \
+        and tok.config.data.source == "digits"
+
+
 def evaluate(config, workdir: str) -> dict:
     """Digit metric of fresh samples: class_consistency and digit_fd (with the real-vs-real value for scale)."""
-    from jaxgen import sampling
     from jaxgen.eval.digit_metric import DigitMetric
 
-    if config.data.source not in ("digits", "cached") or (config.data.source == "cached" and (
-            tokenizer_config(config) is None or tokenizer_config(config).data.source != "digits")):
+    if not _trained_on_digits(config):
         raise ConfigError("--mode=eval computes the embedded digit metric, which needs a model trained on the bundled "
                           "digits (data.source='digits'); ImageNet FID needs Inception weights (not bundled)")
-    family, params, frozen, mesh = load_for_sampling(config, workdir)
-    labels = sampling.class_labels(config.data.num_classes, config.sample.num_per_class)
-    images = sampling.generate(family, params, frozen, labels, config.seed, config.sample.batch_size, mesh,
-                               config.mesh.rules)
-    sampling.write_samples(os.path.join(workdir, "samples"), images, labels, config.sample.grid_rows)
-    metric = DigitMetric.load_or_train()
-    result = metric.evaluate(images, labels)
+    images, labels = _generate(config, workdir)
+    result = DigitMetric.load_or_train().evaluate(images, labels)
     result = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -263,13 +259,13 @@ def evaluate(config, workdir: str) -> dict:
     return result
 
 
-def run(config, workdir: str, mode: str = "train"):
+def run(config, workdir: str, mode: str = "train", callbacks: Sequence[Any] = ()):
     if mode not in MODES:
         raise ConfigError(f"unknown --mode={mode}; use one of {', '.join(MODES)}")
     if mode == "train":
-        return train(config, workdir)
+        return train(config, workdir, callbacks=callbacks)
     if mode == "sample":
         return sample(config, workdir)
     if mode == "eval":
         return evaluate(config, workdir)
-    return cache_latents(config, workdir)
+    return cache_codes(config, workdir)

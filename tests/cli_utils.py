@@ -31,7 +31,10 @@ def env(devices: int = 1, **extra) -> Dict[str, str]:
     return e
 
 
-def main_cmd(args: List[str]) -> List[str]:
+def main_cmd(args: List[str], step_seconds: float = 0.0) -> List[str]:
+    """The jaxgen CLI; with step_seconds, every training step takes at least that long (tests/slow_main.py)."""
+    if step_seconds:
+        return [sys.executable, os.path.join(REPO, "tests", "slow_main.py"), str(step_seconds), *args]
     return [sys.executable, "-m", "jaxgen.main", *args]
 
 

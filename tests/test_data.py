@@ -76,7 +76,7 @@ def test_process_rows_across_epochs(tmp_path):
     """A 10-example source, global batch 4, 3 processes would not divide; 2 do: epochs wrap mid-batch."""
     n = 10
     moments = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 4), np.float32)
-    S.write_latent_cache(str(tmp_path), moments, -moments - 1, np.arange(n) % 3)
+    S.write_code_cache(str(tmp_path), {"moments": moments}, {"moments": -moments - 1}, np.arange(n) % 3)
     cfg = _data_cfg(source="cached", data_dir=str(tmp_path))
     mk = lambda pi, pc: P.make_train_iterator(cfg, ("moments", "label"), 4, 1, process_index=pi,  # noqa: E731
                                               process_count=pc)
@@ -237,39 +237,46 @@ def test_tfds_mock_data_source(monkeypatch):
         assert batch["image"].shape == (4, 32, 32, 1)
 
 
-# ---------------------------------------------------------------------------------------------- latent cache
+# ---------------------------------------------------------------------------------------------- code cache
 
-def test_latent_cache_round_trip(tmp_path):
+def test_code_cache_round_trip(tmp_path):
+    """Any tokenizer's codes: float moments (stored float16) and integer indices side by side."""
     rng = np.random.default_rng(0)
     n, shape = 11, (2, 2, 8)
     moments = rng.standard_normal((n,) + shape).astype(np.float32)
     flipped = rng.standard_normal((n,) + shape).astype(np.float32)
+    idx, idx_flip = rng.integers(0, 4096, (n, 30)), rng.integers(0, 4096, (n, 30))
     labels = rng.integers(0, 10, n).astype(np.int32)
+    specs = {"moments": (shape, np.float16), "indices": ((30,), np.int32)}
     d = str(tmp_path / "cache")
-    assert not S.latent_cache_exists(d)
-    writer = S.LatentCacheWriter(d, n, shape, dtype=np.float16)
+    assert not S.code_cache_exists(d)
+    writer = S.CodeCacheWriter(d, n, specs)
     order = rng.permutation(n)
     for chunk in np.array_split(order, 3):  # any order, any batch size
-        writer.write(chunk, moments[chunk], flipped[chunk], labels[chunk])
-    assert not S.latent_cache_exists(d)  # not finished: no meta.json yet
-    writer.finish({"tokenizer": "kl_vae", "scale_factor": 0.25})
-    assert S.latent_cache_exists(d)
+        writer.write(chunk, {"moments": moments[chunk], "indices": idx[chunk]},
+                     {"moments": flipped[chunk], "indices": idx_flip[chunk]}, labels[chunk])
+    assert not S.code_cache_exists(d)  # not finished: no meta.json yet
+    writer.finish({"tokenizer": "kl_vae"})
+    assert S.code_cache_exists(d)
 
-    src = S.CachedLatentsSource(d)
-    assert len(src) == n and src.meta["tokenizer"] == "kl_vae" and src.meta["moments_shape"] == list(shape)
+    src = S.CachedCodesSource(d)
+    assert len(src) == n and src.meta["tokenizer"] == "kl_vae" and set(src.keys) == {"moments", "indices"}
+    assert src.meta["keys"]["moments"] == {"shape": list(shape), "dtype": "float16"}
     for i in range(n):
         ex = src[i]
-        assert ex["moments"].dtype == np.float32 and int(ex["label"]) == labels[i]
-        np.testing.assert_array_equal(ex["moments"], moments[i].astype(np.float16).astype(np.float32))
-        np.testing.assert_array_equal(ex["moments_flip"], flipped[i].astype(np.float16).astype(np.float32))
+        assert int(ex["label"]) == labels[i] and ex["indices"].dtype == np.int32
+        np.testing.assert_array_equal(ex["moments"], moments[i].astype(np.float16))
+        np.testing.assert_array_equal(ex["moments_flip"], flipped[i].astype(np.float16))
+        np.testing.assert_array_equal(ex["indices"], idx[i])
+        np.testing.assert_array_equal(ex["indices_flip"], idx_flip[i])
 
     # An unfinished rewrite over a complete cache leaves an incomplete (not a stale-but-valid) directory.
-    S.LatentCacheWriter(d, n, shape)
-    assert not S.latent_cache_exists(d)
+    S.CodeCacheWriter(d, n, specs)
+    assert not S.code_cache_exists(d)
     with pytest.raises(DataError, match="no meta.json"):
-        S.CachedLatentsSource(d)
+        S.CachedCodesSource(d)
     with pytest.raises(ValueError, match="never written"):
-        S.LatentCacheWriter(str(tmp_path / "partial"), 3, shape).finish()
+        S.CodeCacheWriter(str(tmp_path / "partial"), 3, specs).finish()
 
 
 @pytest.mark.parametrize("random_flip", [False, True])
@@ -277,7 +284,7 @@ def test_cached_moments_flip_only_with_random_flip(tmp_path, random_flip):
     n = 64
     idx = np.arange(n, dtype=np.float32)
     moments = np.broadcast_to(idx[:, None, None, None], (n, 2, 2, 4)).copy()
-    S.write_latent_cache(str(tmp_path), moments, -moments - 1, np.arange(n) % 10)  # flipped copy: -(i + 1)
+    S.write_code_cache(str(tmp_path), {"moments": moments}, {"moments": -moments - 1}, np.arange(n) % 10)  # flip: -(i+1)
     cfg = _data_cfg(source="cached", data_dir=str(tmp_path), random_flip=random_flip)
     it = P.make_train_iterator(cfg, ("moments", "label"), 16, 0, process_index=0, process_count=1)
     batches = _take(it, 4)  # one epoch

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.kl_vae_tiny import get_config
-from jaxgen.convert.kl_vae import _torch_name, convert_kl_vae
+from jaxgen.convert.kl_vae import _torch_name, convert_kl_vae, kl_vae_module
 from jaxgen.errors import ConfigError
 from jaxgen.families import build
 from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample
@@ -33,13 +33,17 @@ def test_tiny_encode_decode_shapes(family, params):
     stride = 2 ** (len(cfg.model.ch_mult) - 1)
     h = cfg.data.image_size // stride
     x = _images()
-    moments = family.encode_moments(params, x)
+    moments = family.encode(params, x)["moments"]
     assert moments.shape == (2, h, h, 2 * cfg.model.embed_dim) and moments.dtype == jnp.float32
+    assert family.cache_keys == ("moments",)
+    assert family.code_shapes()["moments"].shape == moments.shape[1:]
     z = DiagonalGaussian(moments).sample(jax.random.key(1))
-    y = family.decode(params, z)
-    assert y.shape == x.shape and y.dtype == jnp.float32
-    r = family.reconstruct(params, x, jax.random.key(2))
-    assert r.shape == x.shape and float(jnp.max(jnp.abs(r))) <= 1.0
+    y = family.decode(params, {"latent": z})
+    assert y.shape == x.shape and y.dtype == jnp.float32 and float(jnp.max(jnp.abs(y))) <= 1.0
+    r = family.reconstruct(params, x)  # the posterior mean, decoded
+    np.testing.assert_allclose(r, family.decode(params, {"latent": DiagonalGaussian(moments).mode()}), atol=1e-6)
+    with pytest.raises(ConfigError, match="decodes"):
+        family.decode(params, {"indices": z})
     batch = family.dummy_batch(4)
     assert batch["image"].shape == (4, 32, 32, 1) and batch["label"].shape == (4,)
     assert not family.can_sample
@@ -54,7 +58,7 @@ def test_tiny_loss_finite_and_grads_flow(family, params):
     assert np.isfinite(float(loss))
     for k in ("recon", "kl", "mse", "loss"):
         assert np.isfinite(float(metrics[k])), k
-    np.testing.assert_allclose(float(loss), float(metrics["recon"] + family.kl_weight * metrics["kl"]), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(metrics["recon"] + family.loss_settings.kl_weight * metrics["kl"]), rtol=1e-6)
     flat = jax.tree_util.tree_leaves_with_path(grads)
     dead = [jax.tree_util.keystr(p) for p, g in flat if not np.all(np.isfinite(g)) or not np.any(np.asarray(g))]
     assert not dead, f"parameters with zero / non-finite gradient: {dead[:10]}"
@@ -66,7 +70,7 @@ def test_tiny_loss_finite_and_grads_flow(family, params):
 
 def test_loss_l2_and_weight_decay_mask():
     cfg = get_config()
-    cfg.model.recon_loss = "l2"
+    cfg.loss.recon_loss = "l2"
     fam = build(cfg)
     p = nn.meta.unbox(jax.jit(fam.init)(jax.random.key(0)))
     x = _images()
@@ -85,7 +89,7 @@ def test_bfloat16_compute_runs():
     x = _images()
     loss, _ = fam.loss(p, {"image": x, "label": jnp.zeros((2,), jnp.int32)}, jax.random.key(0), {})
     assert np.isfinite(float(loss))
-    assert fam.encode_moments(p, x).dtype == jnp.float32
+    assert fam.encode(p, x)["moments"].dtype == jnp.float32
     assert jax.tree_util.tree_leaves(p)[0].dtype == jnp.float32
 
 
@@ -195,7 +199,15 @@ def test_converter_round_trip_and_errors(params):
         convert_kl_vae(bad, cfg)
 
 
-def test_from_config_accepts_model_config():
+def test_strict_construction():
     cfg = get_config()
-    a, b = AutoencoderKL.from_config(cfg), AutoencoderKL.from_config(cfg.model)
+    a, b = build(cfg).model, kl_vae_module(cfg.model)
     assert a == b and a.ch == cfg.model.ch and a.ch_mult == tuple(cfg.model.ch_mult)
+    cfg.model.unlock()
+    cfg.model.chanels = 8  # a misspelt key is an error, not silently ignored
+    with pytest.raises(ConfigError, match="chanels"):
+        build(cfg)
+    cfg = get_config()
+    cfg.loss.recon_loss = "l3"
+    with pytest.raises(ConfigError, match="recon_loss"):
+        build(cfg)

@@ -26,9 +26,9 @@ def test_train_writes_every_stage(trained):
     # stage 1: the tokenizer run, exported for the generator
     assert os.path.isdir(w / "tokenizer" / "checkpoints" / "10")
     assert os.path.isdir(w / "tokenizer" / "export")
-    # the latent cache of all 4,500 training digits and their flips
-    meta = json.load(open(w / "latent_cache" / "meta.json"))
-    assert meta["num_examples"] == 4500 and meta["moments_shape"] == [8, 8, 8]
+    # the code cache of all 4,500 training digits and their flips
+    meta = json.load(open(w / "code_cache" / "meta.json"))
+    assert meta["num_examples"] == 4500 and meta["keys"]["moments"]["shape"] == [8, 8, 8]
     # stage 2: MAR checkpoints, export, metrics, TensorBoard events and a sample grid
     assert os.path.isdir(w / "checkpoints" / "10") and os.path.isdir(w / "export")
     rows = [json.loads(line) for line in open(w / "metrics.jsonl")]

@@ -7,10 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import kl_vae_tiny
 from configs.common import base_config
 from jaxgen.families.mar import family as fam_mod
-from jaxgen.families.mar.family import MARFamily, cfg_scales, training_mask
-from jaxgen.families.mar.schedule import mar_mask_schedule
+from jaxgen.families.mar import sampler as sampler_mod
+from jaxgen.families.mar.family import MARFamily, training_mask
+from jaxgen.sampling.guidance import mar_scales as cfg_scales
+from jaxgen.sampling.schedules import mar_mask_schedule
 
 
 def tiny_config(source="cached"):
@@ -23,9 +26,11 @@ def tiny_config(source="cached"):
     m.encoder_num_heads = m.decoder_num_heads = 2
     m.mlp_ratio, m.class_num, m.buffer_size = 2.0, 10, 2
     m.diffloss_d, m.diffloss_w, m.diffusion_batch_mul = 1, 32, 2
-    m.num_sampling_steps = "4"
     c.data.source = source
     c.data.image_size, c.data.channels = 16, 1
+    tok = kl_vae_tiny.get_config()  # stride 4, 4 latent channels: 16x16 digits -> 4x4x4 latents
+    tok.data.image_size, tok.model.resolution = 16, 16
+    c.tokenizer.config = tok
     c.sample.num_iter, c.sample.cfg, c.sample.cfg_schedule = 4, 2.0, "linear"
     c.sample.temperature, c.sample.num_sampling_steps = 1.0, "4"
     return c
@@ -111,6 +116,21 @@ def test_mask_ratio_distribution():
     assert abs(r.mean() - expected) < 0.003, (r.mean(), expected)
 
 
+def test_mask_ratio_min_is_read_from_the_config(params):
+    """config.model.mask_ratio_min drives the mask-ratio draw, the masked counts and the encoder's visible slots."""
+    low = tiny_config()
+    low.model.mask_ratio_min = 0.3
+    fam_low, fam_default = MARFamily(low), MARFamily(tiny_config())
+    assert fam_low.num_keep > fam_default.num_keep
+    batch = _batch(fam_default)
+    run = lambda fam: jax.jit(lambda p, k: fam.loss(p, batch, k, {}))  # noqa: E731
+    keys = jax.random.split(jax.random.PRNGKey(7), 12)
+    ratios_low = [float(run(fam_low)(params, k)[1]["mask_ratio"]) for k in keys]
+    ratios_default = [float(run(fam_default)(params, k)[1]["mask_ratio"]) for k in keys]
+    assert min(ratios_default) >= 0.7 and min(ratios_low) < 0.7 and max(ratios_low) <= 1.0
+    assert ratios_low != ratios_default
+
+
 def test_weight_decay_mask(family, params):
     mask = family.weight_decay_mask(params)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
@@ -128,13 +148,13 @@ def test_weight_decay_mask(family, params):
 
 def test_sample_tokens_compiles_once_and_is_finite(family, params, monkeypatch):
     traces = {"fn": 0, "head": 0}
-    real = fam_mod.diffloss_sample
+    real = sampler_mod.diffloss_sample
 
     def counting_sample(*a, **k):
         traces["head"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(fam_mod, "diffloss_sample", counting_sample)
+    monkeypatch.setattr(sampler_mod, "diffloss_sample", counting_sample)
 
     def run(p, labels, rng):
         traces["fn"] += 1
@@ -175,7 +195,7 @@ def test_cfg_linear_schedule_per_step(family, params, monkeypatch):
     np.testing.assert_allclose(cfg_scales(mask_len, seq_len, cfg, "constant"), [cfg] * num_iter)
 
     # In the sampler: the tokens written at step k carry step k's cfg scale, and there are num_pred[k] of them.
-    monkeypatch.setattr(fam_mod, "diffloss_sample", _marking_sampler(lambda rng, c: c))
+    monkeypatch.setattr(sampler_mod, "diffloss_sample", _marking_sampler(lambda rng, c: c))
     out = jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=num_iter, cfg=cfg, cfg_schedule="linear",
                                                        num_sampling_steps="4"))(
         params, jnp.array([0, 1, 2], jnp.int32), jax.random.PRNGKey(10))
@@ -195,7 +215,7 @@ def test_one_token_per_step_when_num_iter_equals_seq_len(family, params, monkeyp
     _, num_pred = mar_mask_schedule(seq_len, seq_len)
     assert (num_pred == 1).all()
     # Each step's rng is distinct, so distinct values <=> distinct steps wrote them.
-    monkeypatch.setattr(fam_mod, "diffloss_sample",
+    monkeypatch.setattr(sampler_mod, "diffloss_sample",
                         _marking_sampler(lambda rng, c: 1.0 + jax.random.uniform(rng, ())))
     out = jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=seq_len, cfg=cfg, num_sampling_steps="4"))(
         params, jnp.array([3, 4], jnp.int32), jax.random.PRNGKey(11))

@@ -194,7 +194,8 @@ def test_from_config_reads_run_config():
     from configs import mar_l
     c = mar_l.get_config()
     c.remat = True
-    m = MAR.from_config(c)
+    from jaxgen import families
+    m = families.build(c).model
     assert (m.encoder_embed_dim, m.encoder_depth, m.decoder_num_heads, m.diffloss_d, m.diffloss_w) == \
         (1024, 16, 16, 8, 1280)
     assert m.remat and m.dtype == jnp.bfloat16 and m.param_dtype == jnp.float32

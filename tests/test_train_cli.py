@@ -65,7 +65,7 @@ def test_exact_resume_after_kill9(tmp_path):
     assert proc.returncode == 0, tail(proc)
 
     killed = tmp_path / "killed"
-    p = subprocess.Popen(main_cmd([*args, f"--workdir={killed}"]), cwd=REPO, env=env(JAXGEN_STEP_DELAY_S=0.15),
+    p = subprocess.Popen(main_cmd([*args, f"--workdir={killed}"], step_seconds=0.15), cwd=REPO, env=env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt20 = killed / "checkpoints" / "20"
     deadline = time.time() + 300
@@ -87,7 +87,7 @@ def test_exact_resume_after_kill9(tmp_path):
 def test_sigterm_saves_and_exits_zero(tmp_path):
     workdir = tmp_path / "w"
     args = [*TINY_VAE, "--config.total_steps=100000", "--config.checkpoint_every=100000", f"--workdir={workdir}"]
-    p = subprocess.Popen(main_cmd(args), cwd=REPO, env=env(JAXGEN_STEP_DELAY_S=0.05), stdout=subprocess.PIPE,
+    p = subprocess.Popen(main_cmd(args, step_seconds=0.05), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300

@@ -13,14 +13,14 @@ import pytest
 
 from configs.common import base_config
 from jaxgen.families.var.family import VARFamily, cross_entropy, var_weight_decay_mask
-from jaxgen.families.var.sampler import sample_tokens, top_k_top_p_filter
+from jaxgen.sampling.filtering import sample_tokens, top_k_top_p_filter
 from jaxgen.train.optim import make_schedule
 from tests.test_msvq_family import tiny_msvq_config
 
 NUM_CLASSES = 10
 
 
-def tiny_var_config(**model):
+def tiny_var_config(loss=None, **model):
     c = base_config()
     c.family = "var"
     m = c.model
@@ -28,6 +28,7 @@ def tiny_var_config(**model):
     m.num_classes, m.drop_path_rate, m.cond_drop_rate = NUM_CLASSES, 0.1, 0.1
     m.init_adaln_gamma = 1e-3
     m.update(model)
+    c.loss.update(loss or {})
     c.data.image_size, c.data.channels, c.data.num_classes = 6, 1, NUM_CLASSES
     c.tokenizer.config = tiny_msvq_config()
     c.sample.cfg, c.sample.top_k, c.sample.top_p, c.sample.more_smooth = 1.5, 8, 0.9, False
@@ -46,7 +47,7 @@ def params(family):
 
 @pytest.fixture(scope="module")
 def frozen(family):
-    return {"tokenizer": nn.meta.unbox(jax.jit(family.tokenizer_family.init)(jax.random.PRNGKey(1)))}
+    return {"tokenizer": nn.meta.unbox(jax.jit(family.tokenizer.init)(jax.random.PRNGKey(1)))}
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +70,26 @@ def test_loss_is_finite_and_every_param_gets_a_gradient(family, params, frozen, 
 
 
 def test_teacher_forcing_targets_come_from_the_tokenizer(family, frozen, batch):
-    idx_list, x_in = jax.jit(family.teacher_forcing_inputs)(batch["image"], frozen)
+    idx_list, x_in = jax.jit(family.teacher_forcing_inputs)(batch, frozen)
     assert [i.shape for i in idx_list] == [(4, 1), (4, 4), (4, 9)]
     assert x_in.shape == (4, 14 - 1, 4)
-    ref = jax.jit(family.tokenizer_family.img_to_idx)(frozen["tokenizer"], batch["image"])
-    for a, b in zip(idx_list, ref):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref = jax.jit(family.tokenizer.encode)(frozen["tokenizer"], batch["image"])["indices"]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(a) for a in idx_list], 1), np.asarray(ref))
+
+
+def test_cached_indices_give_the_same_loss(frozen, batch):
+    """data.source='cached': batches carry the tokenizer's indices (--mode=cache), the loss is the same."""
+    cached_cfg = tiny_var_config()
+    cached_cfg.data.source = "cached"
+    cached = VARFamily(cached_cfg)
+    assert cached.batch_keys == ("indices", "label")
+    assert cached.dummy_batch(4)["indices"].shape == (4, 14)
+    image_family = VARFamily(tiny_var_config())
+    params = nn.meta.unbox(jax.jit(image_family.init)(jax.random.PRNGKey(0)))
+    indices = jax.jit(image_family.tokenizer.encode)(frozen["tokenizer"], batch["image"])["indices"]
+    a, _ = jax.jit(image_family.loss)(params, batch, jax.random.PRNGKey(5), frozen)
+    b, _ = jax.jit(cached.loss)(params, {"indices": indices, "label": batch["label"]}, jax.random.PRNGKey(5), frozen)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
 
 
 def test_cross_entropy_label_smoothing_matches_torch_definition():
@@ -164,15 +179,15 @@ def test_top_p_drops_the_low_tail_but_always_keeps_the_top_token():
 
 
 def test_progressive_stage_trains_on_the_first_scales():
-    fam = VARFamily(tiny_var_config(train_scales=2))
+    fam = VARFamily(tiny_var_config(loss={"train_scales": 2}))
     shapes = {"image": jax.ShapeDtypeStruct((2, 6, 6, 1), jnp.float32),
               "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
     params = jax.eval_shape(fam.init, jax.random.PRNGKey(0))
-    frozen = {"tokenizer": jax.eval_shape(fam.tokenizer_family.init, jax.random.PRNGKey(0))}
+    frozen = {"tokenizer": jax.eval_shape(fam.tokenizer.init, jax.random.PRNGKey(0))}
     loss, metrics = jax.eval_shape(fam.loss, nn.meta.unbox(params), shapes, jax.random.PRNGKey(0),
                                    nn.meta.unbox(frozen))
     assert loss.shape == () and metrics["loss_tail"].shape == ()
-    idx, x_in = jax.eval_shape(fam.teacher_forcing_inputs, shapes["image"], nn.meta.unbox(frozen))
+    idx, x_in = jax.eval_shape(fam.teacher_forcing_inputs, shapes, nn.meta.unbox(frozen))
     assert [i.shape for i in idx] == [(2, 1), (2, 4)] and x_in.shape == (2, 4, 4)
 
 

@@ -72,8 +72,7 @@ def convert(family: str, config, input_path: str, output_dir: str, select: Optio
     """Read `input_path`, map it onto the params of `config`'s model, check every shape, write `output_dir`."""
     from jaxgen import families
     from jaxgen.convert.torch_layout import check_tree_shapes
-    from jaxgen.parallel.sharding import unbox
-    from jaxgen.train import export
+    from jaxgen.train import export, restore
 
     if not os.path.exists(input_path):
         raise UserError(f"input file {input_path} does not exist; pass the official checkpoint path with --input")
@@ -81,7 +80,7 @@ def convert(family: str, config, input_path: str, output_dir: str, select: Optio
     sd, ema_sd = _read_state_dicts(input_path, selects, ema_key, select)
     params = fn(sd, config)
     fam = families.build(config)
-    reference = unbox(jax.eval_shape(fam.init, jax.random.PRNGKey(0)))
+    reference = restore.abstract_params(fam)
     try:
         check_tree_shapes(params, reference, what=f"converted {family} weights")
     except ValueError as e:

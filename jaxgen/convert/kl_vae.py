@@ -25,8 +25,14 @@ IGNORED_PREFIXES = ("loss.",)
 Path = Tuple[str, ...]
 
 
-def _model(config) -> AutoencoderKL:
-    return AutoencoderKL() if config is None else AutoencoderKL.from_config(config)
+def kl_vae_module(config) -> AutoencoderKL:
+    """The AutoencoderKL of a run config / its config.model / a mapping of fields (strict); None: the official KL-16."""
+    if config is None:
+        return AutoencoderKL()
+    from jaxgen import strict
+
+    model_cfg = config.model if "model" in config else config
+    return strict.build(AutoencoderKL, model_cfg, "AutoencoderKL fields")
 
 
 def expected_shapes(model: AutoencoderKL) -> Dict[Path, Tuple[int, ...]]:
@@ -61,7 +67,7 @@ def _torch_name(path: Path) -> str:
 def kl_vae_key_map(shapes: Mapping[str, Sequence[int]], config=None) -> Dict[str, Tuple[Path, str]]:
     """Validate a torch state-dict's key -> shape table against the model: returns {torch key: (param path, transform)}
     with transform 'conv' (O,I,kh,kw -> kh,kw,I,O) or 'copy'. Needs shapes only, so full-size checks cost no memory."""
-    return _plan(shapes, expected_shapes(_model(config)))
+    return _plan(shapes, expected_shapes(kl_vae_module(config)))
 
 
 def _plan(shapes: Mapping[str, Sequence[int]], want: Dict[Path, Tuple[int, ...]]) -> Dict[str, Tuple[Path, str]]:
@@ -104,7 +110,7 @@ def convert_kl_vae(sd: Mapping[str, np.ndarray], config=None) -> dict:
 
     `config`: a run config (uses config.model and dtypes) or a model ConfigDict; None = the official KL-16 geometry.
     """
-    want = expected_shapes(_model(config))
+    want = expected_shapes(kl_vae_module(config))
     plan = _plan({k: np.shape(v) for k, v in sd.items()}, want)
     params: dict = {}
     for key, (path, transform) in plan.items():

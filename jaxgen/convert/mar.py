@@ -109,12 +109,15 @@ def convert_mar(sd: Mapping[str, np.ndarray], config, check_shapes: bool = True)
     params["diffloss"] = convert_simple_mlp_adaln(head_sd, prefix=DIFFLOSS_PREFIX)
 
     if check_shapes:
-        from jaxgen.families.mar.model import MAR, MODEL_FIELDS, abstract_params
-        if _is_run_config(config) and not isinstance(config, Mapping):
-            model = MAR.from_config(config)
-        else:
-            model = MAR(**{f: model_cfg[f] for f in MODEL_FIELDS if f in model_cfg}, scan_layers=scan)
-        check_tree_shapes(params, abstract_params(model), what="converted MAR params")
+        import jax
+
+        from jaxgen import strict
+        from jaxgen.families.mar.model import MAR, init_params
+        from jaxgen.train.restore import abstract_of
+
+        model = strict.build(MAR, model_cfg, "MAR model fields", scan_layers=scan)
+        check_tree_shapes(params, abstract_of(lambda: init_params(model, jax.random.PRNGKey(0))),
+                          what="converted MAR params")
     return params
 
 

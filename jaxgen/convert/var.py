@@ -127,12 +127,13 @@ def convert_vqvae(sd: StateDict, config: Optional[Mapping[str, Any]] = None, vie
 def vqvae_abstract_params(sd_or_shapes: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None):
     import jax
     import jax.numpy as jnp
-    from jaxgen.tokenizers.msvq import vqvae_from_config
+    from jaxgen import strict
+    from jaxgen.tokenizers.msvq import VQVAE
 
     arch = vqvae_arch_from_state_dict({k: np.shape(v) for k, v in sd_or_shapes.items()})
     cfg = dict(arch)
     cfg.update(_model_fields(config))
-    model = vqvae_from_config(cfg)
+    model = strict.build(VQVAE, cfg, "VQVAE fields")
     size = model.v_patch_nums[-1] * 2 ** (len(model.ch_mult) - 1)
     x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype), train=False))

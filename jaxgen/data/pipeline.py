@@ -19,7 +19,6 @@ from jaxgen.errors import DataError
 
 SOURCE_NAMES = ("digits", "tfds", "imagefolder", "cached")
 _IMAGE_KEYS = ("image", "label")
-_LATENT_KEYS = ("moments", "label")
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -28,7 +27,7 @@ def build_source(data_cfg, split: Optional[str] = None):
     """The random-access source named by `data_cfg.source` for `split` (default `data_cfg.split`).
 
     imagefolder: `data_dir/<split>` when that folder exists (ImageNet layout), else `data_dir` itself.
-    cached: `data_dir` is the latent cache directory (it holds only the training split).
+    cached: `data_dir` is the code cache directory written by --mode=cache (it holds only the training split).
     """
     split = split or data_cfg.split
     kind = data_cfg.source
@@ -41,23 +40,24 @@ def build_source(data_cfg, split: Optional[str] = None):
     if kind == "tfds":
         return S.TfdsSource(data_cfg.name, split, data_dir or None, data_cfg.image_size)
     if kind == "cached":
-        return S.CachedLatentsSource(data_dir)
+        return S.CachedCodesSource(data_dir)
     raise DataError(f"unknown data.source {kind!r}: use one of {', '.join(SOURCE_NAMES)}")
 
 
-def _provided_keys(data_cfg) -> Tuple[str, ...]:
-    return _LATENT_KEYS if data_cfg.source == "cached" else _IMAGE_KEYS
+def _provided_keys(source) -> Tuple[str, ...]:
+    return tuple(source.keys) + ("label",) if isinstance(source, S.CachedCodesSource) else _IMAGE_KEYS
 
 
 def _check_source(data_cfg, source, batch_keys: Sequence[str]) -> None:
     """Fail early, with the fix, when the source cannot give what the model asks for."""
-    provided = _provided_keys(data_cfg)
+    provided = _provided_keys(source)
     missing = [k for k in batch_keys if k not in provided]
     if missing:
-        if "moments" in missing:
-            fix = "set data.source=cached and data.data_dir to a latent cache written by --mode=cache"
-        else:
+        if "image" in missing:
             fix = "use an image source (data.source=digits, imagefolder or tfds)"
+        else:
+            fix = ("set data.data_dir to a cache of this tokenizer written by --mode=cache (or clear it: the run "
+                   "then writes one under its workdir)")
         raise DataError(f"the model needs batch key(s) {missing} but data.source={data_cfg.source!r} gives"
                         f" {list(provided)}: {fix}")
     if len(source) == 0:
@@ -73,7 +73,7 @@ def _check_source(data_cfg, source, batch_keys: Sequence[str]) -> None:
 
 def _in_memory(source) -> bool:
     # Threads only help sources that decode files; for arrays they just contend for the GIL.
-    return isinstance(source, (S.DigitsSource, S.CachedLatentsSource))
+    return isinstance(source, (S.DigitsSource, S.CachedCodesSource))
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -81,7 +81,7 @@ def _in_memory(source) -> bool:
 class _Augment:
     """Per-example random choices (grain random_map: the rng depends only on the seed and the position).
 
-    With data.random_flip: images flipped horizontally with p 0.5, or (latent cache) the flipped image's moments.
+    With data.random_flip: images flipped horizontally with p 0.5, or (code cache) the flipped image's codes.
     Also drops keys the model did not ask for.
     """
 
@@ -96,24 +96,25 @@ class _Augment:
             v = example[k]
             if k == "image" and self.random_flip and flip:
                 v = v[:, ::-1]
-            elif k == "moments" and self.random_flip and flip:
-                v = example["moments_flip"]  # the cache holds the flipped image's moments too
+            elif self.random_flip and flip and f"{k}_flip" in example:
+                v = example[f"{k}_flip"]  # the cache holds the flipped image's codes too
             out[k] = v
         return out
 
 
 def _to_model_arrays(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """uint8 images -> float32 in [-1, 1]; labels -> int32; moments -> float32."""
+    """uint8 images -> float32 in [-1, 1]; labels and integer codes -> int32; float codes -> float32."""
     out = {}
     for k, v in batch.items():
-        if k in ("image",):
-            out[k] = np.asarray(v, np.float32) / np.float32(127.5) - np.float32(1.0)
-        elif k in ("moments", "moments_flip"):
-            out[k] = np.asarray(v, np.float32)
-        elif k == "label":
-            out[k] = np.asarray(v, np.int32)
+        v = np.asarray(v)
+        if k == "image":
+            out[k] = v.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        elif k == "label" or (k not in ("mask", "index") and np.issubdtype(v.dtype, np.integer)):
+            out[k] = v.astype(np.int32)
+        elif np.issubdtype(v.dtype, np.floating):
+            out[k] = v.astype(np.float32)
         else:
-            out[k] = np.asarray(v)
+            out[k] = v
     return out
 
 
@@ -177,7 +178,8 @@ def make_train_iterator(data_cfg, batch_keys: Sequence[str], global_batch_size: 
                         num_workers: Optional[int] = None) -> grain.DatasetIterator:
     """Infinite iterator of this process's local batches: dict of numpy arrays with exactly `batch_keys`.
 
-    'image' float32 NHWC in [-1, 1], 'label' int32, 'moments' float32; global_batch_size // process_count rows.
+    'image' float32 NHWC in [-1, 1], 'label' int32, cached codes float32 / int32; global_batch_size // process_count
+    rows.
     Checkpoint it with `get_state()` / `set_state()` (or grain.checkpoint through orbax).
     """
     pi, pc = _process(process_index, process_count)
@@ -225,7 +227,7 @@ class _PaddedRows:
 def iterate_dataset_once(data_cfg, batch_size: int, split: Optional[str] = None,
                          process_index: Optional[int] = None,
                          process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
-    """Every example of `split` exactly once, in source order, no augmentation (for the latent cache).
+    """Every example of `split` exactly once, in source order, no augmentation (for the code cache).
 
     `batch_size` is global: global batch b holds examples b*B .. b*B+B-1 and process p gets rows
     p*B/P .. (p+1)*B/P-1 of it, so every process yields the same number of batches (static shapes for
@@ -254,7 +256,7 @@ def make_eval_arrays(data_cfg, split: str, limit: Optional[int] = None) -> Tuple
         images, labels = load_digits(split)
         return images[:limit], labels[:limit]
     if data_cfg.source == "cached":
-        raise DataError("a latent cache holds no images for metrics: give the image source (data.source=tfds or"
+        raise DataError("a code cache holds no images for metrics: give the image source (data.source=tfds or"
                         " imagefolder) for evaluation")
     source = build_source(data_cfg, split)
     n = len(source) if limit is None else min(limit, len(source))

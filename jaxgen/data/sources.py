@@ -1,7 +1,7 @@
 """Random-access data sources (grain's `__len__` / `__getitem__` protocol) that return one example as a dict.
 
-Image sources return {'image': uint8 HWC, 'label': int32}; the latent cache returns
-{'moments': float, 'moments_flip': float, 'label': int32} and the pipeline picks one of the two moments.
+Image sources return {'image': uint8 HWC, 'label': int32}; the code cache returns each of the tokenizer's cache keys
+and its `_flip` twin (e.g. {'moments', 'moments_flip', 'label'}) and the pipeline picks one of the two.
 Sources are picklable (grain sends them to worker processes): heavy handles are opened lazily.
 """
 from __future__ import annotations
@@ -161,120 +161,135 @@ class TfdsSource:
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, n={len(self)})"
 
 
-# ---------------------------------------------------------------------------------------------- latent cache
+# ---------------------------------------------------------------------------------------------- code cache
 #
-# Format of a latent cache directory (written by `--mode=cache`, read by `CachedLatentsSource`):
-#   moments.npy       (N, ...) float16/float32  latent moments of each training image (ADM-cropped)
-#   moments_flip.npy  (N, ...) same             moments of the horizontally flipped image
-#   labels.npy        (N,)     int32
-#   meta.json         {"format": "jaxgen-latent-cache", "version": 1, "num_examples": N,
-#                      "moments_shape": [...], "moments_dtype": "...", ...caller's meta}
+# A tokenizer's codes of every training image, written by `--mode=cache`, read by `CachedCodesSource`:
+#   <key>.npy        (N, ...)  encode(image)[key] for each cache key of the tokenizer (KL-VAE: moments; VQ: indices)
+#   <key>_flip.npy   (N, ...)  the same for the horizontally flipped image
+#   labels.npy       (N,)      int32
+#   meta.json        {"format": "jaxgen-code-cache", "version": 2, "num_examples": N,
+#                     "keys": {key: {"shape": [...], "dtype": "..."}}, ...caller's meta}
 # meta.json is written last, so a directory without it is an interrupted write.
 
-CACHE_FORMAT = "jaxgen-latent-cache"
-CACHE_VERSION = 1
-_FILES = ("moments.npy", "moments_flip.npy", "labels.npy")
+CACHE_FORMAT = "jaxgen-code-cache"
+CACHE_VERSION = 2
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+_INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
 
 
-class LatentCacheWriter:
-    """Writes a latent cache incrementally (memory-mapped), for datasets too big to hold in memory.
+def _cache_files(keys: Sequence[str]) -> Tuple[str, ...]:
+    return tuple(f"{k}{suffix}.npy" for k in keys for suffix in ("", "_flip")) + ("labels.npy",)
 
-        w = LatentCacheWriter(dir, num_examples, moments_shape)
-        w.write(indices, moments, moments_flip, labels)   # any order, any batch size
-        w.finish(meta)                                     # writes meta.json
+
+class CodeCacheWriter:
+    """Writes a code cache incrementally (memory-mapped), for datasets too big to hold in memory.
+
+        w = CodeCacheWriter(dir, num_examples, {"moments": ((h, w, c), np.float32)})
+        w.write(indices, codes, codes_flip, labels)   # dicts of arrays; any order, any batch size
+        w.finish(meta)                                # writes meta.json
     """
 
-    def __init__(self, directory: str, num_examples: int, moments_shape: Sequence[int], dtype=np.float32):
-        if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
-            raise ValueError(f"latent cache dtype must be float16 or float32, got {np.dtype(dtype)}")
+    def __init__(self, directory: str, num_examples: int, specs: Mapping[str, Tuple[Sequence[int], Any]]):
+        self.specs = {k: (tuple(int(d) for d in shape), np.dtype(dtype)) for k, (shape, dtype) in specs.items()}
+        for k, (_, dtype) in self.specs.items():
+            if dtype not in _FLOAT_DTYPES + _INT_DTYPES:
+                raise ValueError(f"code cache key {k!r}: dtype must be float16/32 or int16/32, got {dtype}")
         os.makedirs(directory, exist_ok=True)
         meta_path = os.path.join(directory, "meta.json")
         if os.path.exists(meta_path):
             os.remove(meta_path)  # the directory is incomplete until finish()
         self.directory = directory
         self.num_examples = int(num_examples)
-        self.moments_shape = tuple(int(s) for s in moments_shape)
-        shape = (self.num_examples,) + self.moments_shape
         open_mm = np.lib.format.open_memmap
-        self._moments = open_mm(os.path.join(directory, "moments.npy"), "w+", dtype, shape)
-        self._moments_flip = open_mm(os.path.join(directory, "moments_flip.npy"), "w+", dtype, shape)
+        self._arrays = {}
+        for k, (shape, dtype) in self.specs.items():
+            for name in (k, f"{k}_flip"):
+                self._arrays[name] = open_mm(os.path.join(directory, f"{name}.npy"), "w+", dtype,
+                                             (self.num_examples,) + shape)
         self._labels = open_mm(os.path.join(directory, "labels.npy"), "w+", np.int32, (self.num_examples,))
         self._written = np.zeros(self.num_examples, bool)
 
-    def write(self, indices, moments, moments_flip, labels) -> None:
+    def write(self, indices, codes: Mapping[str, Any], codes_flip: Mapping[str, Any], labels) -> None:
         indices = np.asarray(indices)
-        self._moments[indices] = np.asarray(moments, self._moments.dtype)
-        self._moments_flip[indices] = np.asarray(moments_flip, self._moments_flip.dtype)
+        for k in self.specs:
+            self._arrays[k][indices] = np.asarray(codes[k], self._arrays[k].dtype)
+            self._arrays[f"{k}_flip"][indices] = np.asarray(codes_flip[k], self._arrays[k].dtype)
         self._labels[indices] = np.asarray(labels, np.int32)
         self._written[indices] = True
 
     def finish(self, meta: Optional[Mapping[str, Any]] = None) -> None:
         if not self._written.all():
-            raise ValueError(f"latent cache incomplete: {int((~self._written).sum())} of {self.num_examples}"
+            raise ValueError(f"code cache incomplete: {int((~self._written).sum())} of {self.num_examples}"
                              " examples were never written")
-        for arr in (self._moments, self._moments_flip, self._labels):
+        for arr in list(self._arrays.values()) + [self._labels]:
             arr.flush()
         record = dict(meta or {})
         record.update(format=CACHE_FORMAT, version=CACHE_VERSION, num_examples=self.num_examples,
-                      moments_shape=list(self.moments_shape), moments_dtype=str(self._moments.dtype))
+                      keys={k: {"shape": list(shape), "dtype": str(dtype)} for k, (shape, dtype) in self.specs.items()})
         tmp = os.path.join(self.directory, "meta.json.tmp")
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1, sort_keys=True)
         os.replace(tmp, os.path.join(self.directory, "meta.json"))
-        del self._moments, self._moments_flip, self._labels
+        del self._arrays, self._labels
 
 
-def write_latent_cache(directory: str, moments, moments_flip, labels,
-                       meta: Optional[Mapping[str, Any]] = None) -> None:
-    """Write a whole latent cache from in-memory arrays (see the format above)."""
-    moments, moments_flip = np.asarray(moments), np.asarray(moments_flip)
+def write_code_cache(directory: str, codes: Mapping[str, Any], codes_flip: Mapping[str, Any], labels,
+                     meta: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a whole code cache from in-memory arrays (see the format above)."""
     labels = np.asarray(labels)
-    if moments.shape != moments_flip.shape or labels.shape != moments.shape[:1]:
-        raise ValueError(f"latent cache shapes disagree: moments {moments.shape}, moments_flip"
-                         f" {moments_flip.shape}, labels {labels.shape}")
-    dtype = moments.dtype if moments.dtype == np.float16 else np.float32
-    writer = LatentCacheWriter(directory, len(labels), moments.shape[1:], dtype)
-    writer.write(np.arange(len(labels)), moments, moments_flip, labels)
+    specs = {}
+    for k, v in codes.items():
+        v, vf = np.asarray(v), np.asarray(codes_flip[k])
+        if v.shape != vf.shape or v.shape[:1] != labels.shape:
+            raise ValueError(f"code cache shapes disagree for {k!r}: {v.shape}, flipped {vf.shape}, labels "
+                             f"{labels.shape}")
+        dtype = v.dtype if v.dtype in _FLOAT_DTYPES + _INT_DTYPES else (
+            np.float32 if np.issubdtype(v.dtype, np.floating) else np.int32)
+        specs[k] = (v.shape[1:], dtype)
+    writer = CodeCacheWriter(directory, len(labels), specs)
+    writer.write(np.arange(len(labels)), codes, codes_flip, labels)
     writer.finish(meta)
 
 
-def latent_cache_exists(directory: str) -> bool:
-    """True when `directory` holds a complete latent cache (meta.json is written last)."""
+def code_cache_exists(directory: str) -> bool:
+    """True when `directory` holds a complete code cache (meta.json is written last)."""
     try:
-        read_latent_cache_meta(directory)
+        read_code_cache_meta(directory)
         return True
     except DataError:
         return False
 
 
-def read_latent_cache_meta(directory: str) -> Dict[str, Any]:
+def read_code_cache_meta(directory: str) -> Dict[str, Any]:
     fix = "write one with --mode=cache and set data.data_dir to it"
-    _require_dir(directory, "latent cache directory", fix)
+    _require_dir(directory, "code cache directory", fix)
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.isfile(meta_path):
-        raise DataError(f"latent cache {directory!r} has no meta.json (empty or interrupted write): {fix}")
+        raise DataError(f"code cache {directory!r} has no meta.json (empty or interrupted write): {fix}")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
         raise DataError(f"{meta_path} is not a {CACHE_FORMAT} v{CACHE_VERSION} file: rewrite the cache with --mode=cache")
-    missing = [f for f in _FILES if not os.path.isfile(os.path.join(directory, f))]
+    missing = [f for f in _cache_files(meta["keys"]) if not os.path.isfile(os.path.join(directory, f))]
     if missing:
-        raise DataError(f"latent cache {directory!r} lacks {', '.join(missing)}: rewrite it with --mode=cache")
+        raise DataError(f"code cache {directory!r} lacks {', '.join(missing)}: rewrite it with --mode=cache")
     return meta
 
 
-class CachedLatentsSource:
-    """Reads a latent cache directory; arrays are memory-mapped on first access (cheap to pickle to workers)."""
+class CachedCodesSource:
+    """Reads a code cache directory; arrays are memory-mapped on first access (cheap to pickle to workers).
+    Examples: {key: ..., key + '_flip': ... for each cache key, 'label': int32}."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.meta = read_latent_cache_meta(directory)
+        self.meta = read_code_cache_meta(directory)
+        self.keys = tuple(self.meta["keys"])
         self._arrays = None
 
     def _open(self):
         if self._arrays is None:
-            load = lambda name: np.load(os.path.join(self.directory, name), mmap_mode="r")  # noqa: E731
-            self._arrays = tuple(load(name) for name in _FILES)
+            names = [f"{k}{suffix}" for k in self.keys for suffix in ("", "_flip")] + ["labels"]
+            self._arrays = {n: np.load(os.path.join(self.directory, f"{n}.npy"), mmap_mode="r") for n in names}
         return self._arrays
 
     def __getstate__(self):
@@ -284,11 +299,11 @@ class CachedLatentsSource:
         return int(self.meta["num_examples"])
 
     def __getitem__(self, index) -> Dict[str, np.ndarray]:
-        moments, moments_flip, labels = self._open()
+        arrays = self._open()
         index = int(index)
-        return {"moments": np.asarray(moments[index], np.float32),
-                "moments_flip": np.asarray(moments_flip[index], np.float32),
-                "label": np.int32(labels[index])}
+        out = {name: np.asarray(arr[index]) for name, arr in arrays.items() if name != "labels"}
+        out["label"] = np.int32(arrays["labels"][index])
+        return out
 
     def __repr__(self):
-        return f"CachedLatentsSource({self.directory!r}, n={len(self)})"
+        return f"CachedCodesSource({self.directory!r}, keys={list(self.keys)}, n={len(self)})"

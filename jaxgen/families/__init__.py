@@ -1,18 +1,23 @@
-"""Family registry: config.family -> Family subclass."""
+"""Family registry: config.family -> Family subclass, and the one place a run's tokenizer is resolved.
+
+Adding a family = its files under jaxgen/families/ (or jaxgen/tokenizers/ for a tokenizer's module) and ONE line in
+`_REGISTRY`: the class, and the tiny config the contract test (tests/test_family_contract.py) builds it from.
+"""
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Type
+from typing import Dict, Optional, Tuple, Type
 
 from jaxgen.errors import ConfigError
-from jaxgen.families.base import Family
+from jaxgen.families.base import Family, Tokenizer
 
-# name -> "module:Class"; imported lazily so a family's heavy deps load only when used.
-_REGISTRY: Dict[str, str] = {
-    "mar": "jaxgen.families.mar.family:MARFamily",
-    "kl_vae": "jaxgen.families.kl_vae:KLVAEFamily",
-    "var": "jaxgen.families.var.family:VARFamily",
-    "msvq": "jaxgen.families.msvq:MSVQFamily",
+# name -> ("module:Class", tiny config "configs/<file>.py[:variant]"); classes import lazily, so a family's heavy
+# dependencies load only when it is used.
+_REGISTRY: Dict[str, Tuple[str, str]] = {
+    "mar": ("jaxgen.families.mar.family:MARFamily", "mar_tiny:runlocal"),
+    "kl_vae": ("jaxgen.families.kl_vae:KLVAEFamily", "kl_vae_tiny"),
+    "var": ("jaxgen.families.var.family:VARFamily", "var_tiny:runlocal"),
+    "msvq": ("jaxgen.families.msvq:MSVQFamily", "msvq_tiny"),
 }
 
 
@@ -24,12 +29,36 @@ def names():
     return sorted(_REGISTRY)
 
 
+def tiny_config_name(name: str) -> str:
+    """The registered tiny config of a family (a name of the `configs` package, with its variant)."""
+    return _REGISTRY[name][1]
+
+
 def get_class(name: str) -> Type[Family]:
     if name not in _REGISTRY:
         raise UnknownFamilyError(f"unknown family {name!r}; set config.family to one of {', '.join(names())}")
-    module, cls = _REGISTRY[name].split(":")
+    module, cls = _REGISTRY[name][0].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def build(config) -> Family:
     return get_class(config.family)(config)
+
+
+def build_tokenizer(config) -> Optional[Tokenizer]:
+    """The tokenizer of a run: config.tokenizer.config (a tokenizer family's run config), checked against what the
+    generator accepts. None when config.family needs no tokenizer."""
+    accepted = get_class(config.family).tokenizer_families
+    if not accepted:
+        return None
+    tok_cfg = config.tokenizer.get("config") if config.get("tokenizer") is not None else None
+    if tok_cfg is None:
+        raise ConfigError(f"family {config.family!r} runs on a tokenizer ({' or '.join(accepted)}): set "
+                          f"config.tokenizer.config to its run config (see configs/)")
+    if tok_cfg.family not in accepted:
+        raise ConfigError(f"family {config.family!r} runs on a {' or '.join(accepted)} tokenizer, but "
+                          f"config.tokenizer.config.family is {tok_cfg.family!r}")
+    tok = build(tok_cfg)
+    if not isinstance(tok, Tokenizer):
+        raise ConfigError(f"family {tok_cfg.family!r} is not a tokenizer (no encode / decode)")
+    return tok

@@ -1,19 +1,22 @@
 """Multi-head self-attention (timm layout) and a reusable scaled dot-product attention function.
 
 Layout of q/k/v everywhere: (batch, length, heads, head_dim) ("BTNH"), as `jax.nn.dot_product_attention` wants.
+The one exception is a fixed-size KV cache (`KVCache`): (batch, heads, max_len, head_dim), so that a decode step reads
+each head's keys as one contiguous block and writes the new ones with a single `dynamic_update_slice`.
 Softmax always runs in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.nn.layers import Dense, Dtype, constrain
+from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain
 
 IMPLS = ("auto", "xla", "cudnn")
+KV_LAYOUTS = ("BSNH", "BNSH")
 
 
 def resolve_impl(impl: str, dtype, head_dim: int) -> str:
@@ -28,9 +31,10 @@ def resolve_impl(impl: str, dtype, head_dim: int) -> str:
     return "cudnn" if (on_gpu and half and fits) else "xla"
 
 
-def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng):
-    """Reference path (also the only one with attention-probability dropout): f32 logits and softmax."""
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, kv_layout="BSNH"):
+    """Reference path (also the only one with attention-probability dropout or a BNSH cache): f32 logits, softmax."""
+    kv = "bsnh" if kv_layout == "BSNH" else "bnsh"
+    logits = jnp.einsum(f"btnh,{kv}->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
@@ -40,23 +44,33 @@ def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng):
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bnts,{kv}->btnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
                           bias: Optional[jax.Array] = None, impl: str = "auto", *, scale: Optional[float] = None,
-                          dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+                          dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                          kv_layout: str = "BSNH") -> jax.Array:
     """softmax(q k^T * scale + bias, masked) v.
 
-    q: (B, T, N, H); k, v: (B, S, N, H) (S may differ from T, e.g. with a KV cache).
+    q: (B, T, N, H); k, v: (B, S, N, H) (S may differ from T, e.g. with a KV cache), or with kv_layout='BNSH'
+    (B, N, S, H) (the `KVCache` layout; always the explicit XLA path: a decode step is memory bound, and
+    `jax.nn.dot_product_attention` would need a transposed copy of the whole cache).
     mask: bool, True = attend, broadcastable to (B, N, T, S). bias: additive, broadcastable to (B, N, T, S).
     impl: 'auto' | 'xla' | 'cudnn'. Dropout on the attention probabilities (training) always takes the explicit
     XLA path, because `jax.nn.dot_product_attention` has no dropout.
     """
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     use = resolve_impl(impl, q.dtype, head_dim)
+    if kv_layout == "BNSH":
+        if impl == "cudnn":
+            raise ValueError("attention impl 'cudnn' does not take a BNSH (KV cache) layout; use 'auto' or 'xla'")
+        rng = dropout_rng if dropout_rate > 0.0 else None
+        return _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, rng, kv_layout)
     if dropout_rate > 0.0 and dropout_rng is not None:
         if use == "cudnn" and impl == "cudnn":
             raise ValueError("attention impl 'cudnn' does not support attention dropout; use 'auto' or 'xla'")
@@ -82,11 +96,52 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
                                         scale=scale, implementation="cudnn")
 
 
-class Attention(nn.Module):
-    """timm `Attention`: fused qkv Linear (output [q|k|v], each head-major), SDPA, proj.
+class KVCache(NamedTuple):
+    """Fixed-size key/value cache of one attention layer: k, v (batch, heads, max_len, head_dim).
 
-    Params: `qkv` (kernel (D, 3D), axes ('embed', 'heads')), `proj` (kernel (D, D), axes ('heads', 'embed')).
+    Static shapes: a decode step writes its keys at a traced position with `dynamic_update_slice` and attends over
+    all max_len slots, masking the ones after its own position, so one compiled step serves every position (e.g. in
+    `lax.fori_loop`). Slots are never cleared: only the mask keeps stale / unwritten ones out.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, num_heads: int, max_len: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, num_heads, max_len, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: jax.Array, v: jax.Array, index) -> "KVCache":
+        """Store k, v (B, T, N, H) at slots index .. index + T - 1 (index may be traced).
+
+        Out-of-range writes are clamped by XLA (silently overwriting the last slots), so callers size max_len.
+        """
+        index = jnp.asarray(index, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, index, zero)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, jnp.swapaxes(k, 1, 2).astype(self.k.dtype), start),
+                       jax.lax.dynamic_update_slice(self.v, jnp.swapaxes(v, 1, 2).astype(self.v.dtype), start))
+
+    def causal_mask(self, index, length: int) -> jax.Array:
+        """(length, max_len) bool: query index + i may attend slots <= index + i."""
+        query = jnp.asarray(index, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+        return jnp.arange(self.max_len, dtype=jnp.int32)[None, :] <= query[:, None]
+
+
+class Attention(nn.Module):
+    """timm `Attention`: fused qkv Linear (output [q|k|v], each head-major), optional per-head QK-LayerNorm, SDPA, proj.
+
+    Params: `qkv` (kernel (D, 3D), axes ('embed', 'heads')), `proj` (kernel (D, D), axes ('heads', 'embed')); with
+    `qk_norm` also `q_norm` / `k_norm` (LayerNorm over head_dim with affine, shared by all heads: timm's qk_norm).
     `mask`: bool, True = attend, broadcastable to (B, heads, T, T) (e.g. (B, 1, 1, T) for key padding).
+    With `cache` (a `KVCache`) the new keys / values are written at slot `cache_index` and the queries attend over the
+    whole cache, causally (query i sees slots <= cache_index + i, AND `mask` when given, broadcastable to
+    (B, heads, T, max_len)); the call then returns (out, updated cache).
     """
 
     dim: int
@@ -97,9 +152,12 @@ class Attention(nn.Module):
     impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, mask=None, bias=None, deterministic: bool = True):
+    def __call__(self, x, mask=None, bias=None, deterministic: bool = True, cache: Optional[KVCache] = None,
+                 cache_index=None):
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         b, t, _ = x.shape
@@ -108,11 +166,26 @@ class Attention(nn.Module):
                     param_dtype=self.param_dtype, name="qkv")(x)
         qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_norm:
+            q = LayerNorm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="q_norm")(q)
+            k = LayerNorm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="k_norm")(k)
         use_drop = (not deterministic) and self.attn_drop > 0.0
-        out = dot_product_attention(q, k, v, mask=mask, bias=bias, impl=self.impl,
-                                    dropout_rate=self.attn_drop if use_drop else 0.0,
-                                    dropout_rng=self.make_rng("dropout") if use_drop else None)
+        drop = dict(dropout_rate=self.attn_drop if use_drop else 0.0,
+                    dropout_rng=self.make_rng("dropout") if use_drop else None)
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask=mask, bias=bias, impl=self.impl, **drop)
+        else:
+            if cache_index is None:
+                raise ValueError("Attention with a KV cache needs cache_index (the slot of the first new token)")
+            cache = cache.write(k, v, cache_index)
+            allowed = cache.causal_mask(cache_index, t)
+            if mask is not None:
+                allowed = jnp.logical_and(allowed, mask)
+            # the cache layout only has the explicit path: 'cudnn' (a training choice) must not break decoding
+            out = dot_product_attention(q, cache.k, cache.v, mask=allowed, bias=bias,
+                                        impl="xla" if self.impl == "cudnn" else self.impl, kv_layout="BNSH", **drop)
         out = constrain(out.reshape(b, t, self.dim), ("batch", "length", "heads"))
         out = Dense(self.dim, axes=("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                     name="proj")(out)
-        return nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
+        out = nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
+        return out if cache is None else (out, cache)

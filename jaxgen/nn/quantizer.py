@@ -48,10 +48,19 @@ def straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
     return x + jax.lax.stop_gradient(q.astype(x.dtype) - x)
 
 
-def commitment_loss(z: jax.Array, q: jax.Array, beta: float = 0.25) -> jax.Array:
-    """beta * |sg(q) - z|^2 (pulls the encoder) + |q - sg(z)|^2 (pulls the codebook), means over elements, float32."""
+def commitment_loss(z: jax.Array, q: jax.Array, beta: float = 0.25, beta_on: str = "encoder") -> jax.Array:
+    """beta * |sg(q) - z|^2 (pulls the encoder) + |q - sg(z)|^2 (pulls the codebook), means over elements, float32.
+
+    beta_on='codebook' moves beta to the other term, |sg(q) - z|^2 + beta * |q - sg(z)|^2, as MaskGIT-VQGAN's
+    quantizer does (the two terms have the same value, so only the gradients differ).
+    """
+    if beta_on not in ("encoder", "codebook"):
+        raise ValueError(f"commitment_loss: beta_on must be 'encoder' or 'codebook', got {beta_on!r}")
     z = z.astype(jnp.float32)
     q = q.astype(jnp.float32)
+    if beta_on == "codebook":
+        return (jnp.mean(jnp.square(jax.lax.stop_gradient(q) - z))
+                + beta * jnp.mean(jnp.square(q - jax.lax.stop_gradient(z))))
     return (beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - z))
             + jnp.mean(jnp.square(q - jax.lax.stop_gradient(z))))
 

@@ -1,6 +1,8 @@
-"""timm 0.9.12 ViT building blocks: `Mlp`, pre-norm `Block`, and `BlockStack` (depth x Block, optional remat / scan).
+"""timm 0.9.12 ViT building blocks: `Mlp`, pre-norm `Block`, and `BlockStack` (depth x Block, optional remat / scan);
+DiT-style adaLN-Zero conditioning: `AdaLNZeroBlock` and `AdaLNFinalNorm`.
 
-Param names follow timm so converters stay one-to-one: norm1, attn/{qkv,proj}, norm2, mlp/{fc1,fc2}.
+Param names follow timm so converters stay one-to-one: norm1, attn/{qkv,proj}, norm2, mlp/{fc1,fc2}
+(+ attn/{q_norm,k_norm} with QK-norm, adaLN_modulation for the adaLN modules).
 """
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxgen.nn.attention import Attention
-from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain, gelu_exact, gelu_tanh
+from jaxgen.nn.attention import Attention, KVCache
+from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain, gelu_exact, gelu_tanh, zeros
 
 ACTIVATIONS = {"gelu_exact": gelu_exact, "gelu_tanh": gelu_tanh}
 
@@ -111,3 +113,83 @@ class BlockStack(nn.Module):
         for i in range(self.depth):
             x = cls(**kwargs, name=f"block_{i}")(x, mask, deterministic)
         return x
+
+
+# ----------------------------------------------------------------------------- adaLN-Zero (DiT) conditioning
+def _modulation(c, features: int, dtype, param_dtype, chunks: int):
+    """adaLN_modulation = Linear(SiLU(c)) -> `chunks` f32 arrays (B, T or 1, D); zero init (the "-Zero" of adaLN-Zero).
+
+    c: (B, D) (one vector per sample) or (B, T, D) (one per sequence position)."""
+    c = c[:, None] if c.ndim == 2 else c
+    mod = Dense(chunks * features, axes=("embed", "mlp"), kernel_init=zeros, bias_init=zeros, dtype=dtype,
+                param_dtype=param_dtype, name="adaLN_modulation")(nn.silu(c.astype(jnp.float32)))
+    return jnp.split(mod.astype(jnp.float32), chunks, axis=-1)
+
+
+class AdaLNZeroBlock(nn.Module):
+    """Pre-norm block with adaLN-Zero: chunks (shift, scale, gate) x (attention, MLP) of adaLN_modulation(SiLU(c)):
+    x += gate_msa * attn(norm1(x) * (1 + scale_msa) + shift_msa); x += gate_mlp * mlp(norm2(x) * (1 + scale_mlp) + ...).
+
+    `norm_affine`: whether norm1 / norm2 keep their own LayerNorm affine (RAR: yes; DiT: no). The residual stream is
+    float32 (the returned x too); attention / MLP run in `dtype`. With `cache` (a `KVCache`) the attention writes
+    and reads it at `cache_index` and the call returns (x, cache); see `Attention`.
+    """
+
+    dim: int
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+    norm_affine: bool = True
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    act: str = "gelu_exact"
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c, mask=None, deterministic: bool = True, cache: Optional[KVCache] = None,
+                 cache_index=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
+            c, self.dim, self.dtype, self.param_dtype, 6)
+        x = x.astype(jnp.float32)
+        norm = dict(use_scale=self.norm_affine, use_bias=self.norm_affine, dtype=jnp.float32,
+                    param_dtype=self.param_dtype)
+        h = LayerNorm(self.norm_eps, name="norm1", **norm)(x)
+        h = (h * (1.0 + scale_msa) + shift_msa).astype(self.dtype)
+        attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, self.proj_drop,
+                         self.attention_impl, qk_norm=self.qk_norm, qk_norm_eps=self.norm_eps, name="attn", **kw)
+        if cache is None:
+            h = attn(h, mask=mask, deterministic=deterministic)
+        else:
+            h, cache = attn(h, mask=mask, deterministic=deterministic, cache=cache, cache_index=cache_index)
+        x = x + gate_msa * h.astype(jnp.float32)
+        h = LayerNorm(self.norm_eps, name="norm2", **norm)(x)
+        h = (h * (1.0 + scale_mlp) + shift_mlp).astype(self.dtype)
+        h = Mlp(self.mlp_dim, act=self.act, drop=self.proj_drop, name="mlp", **kw)(h, deterministic=deterministic)
+        x = constrain(x + gate_mlp * h.astype(jnp.float32), ("batch", "length", "embed"))
+        return x if cache is None else (x, cache)
+
+
+class AdaLNFinalNorm(nn.Module):
+    """Affine-free LayerNorm modulated by the condition: norm(x) * (1 + scale) + shift, the two chunks of
+    adaLN_modulation(SiLU(c)) (D -> 2D, zero init) in `chunk_order` ('shift_scale': DiT; 'scale_shift': RAR).
+    Output in `dtype` (the projection to the vocabulary is the caller's)."""
+
+    dim: int
+    norm_eps: float = 1e-6
+    chunk_order: str = "shift_scale"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c):
+        if self.chunk_order not in ("shift_scale", "scale_shift"):
+            raise ValueError(f"chunk_order must be 'shift_scale' or 'scale_shift', got {self.chunk_order!r}")
+        first, second = _modulation(c, self.dim, self.dtype, self.param_dtype, 2)
+        shift, scale = (first, second) if self.chunk_order == "shift_scale" else (second, first)
+        y = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=jnp.float32)(x)
+        return (y * (1.0 + scale) + shift).astype(self.dtype)

@@ -18,7 +18,7 @@ def maybe_initialize_distributed() -> None:
     TPU pods and SLURM are detected by jax itself (`jax.distributed.initialize()` with no args); a plain
     cluster or the local multi-process launcher sets JAXGEN_COORDINATOR / JAXGEN_NUM_PROCESSES / JAXGEN_PROCESS_ID.
     """
-    if getattr(maybe_initialize_distributed, "_done", False):
+    if jax.distributed.is_initialized():  # jax's own state: calling twice (notebooks, tests) is harmless
         return
     coord = os.environ.get("JAXGEN_COORDINATOR")
     if coord:
@@ -30,7 +30,6 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize(coordinator_address=coord, num_processes=n, process_id=pid)
     elif os.environ.get("JAXGEN_DISTRIBUTED", "") == "auto":
         jax.distributed.initialize()  # TPU pod / SLURM: everything from the environment
-    maybe_initialize_distributed._done = True
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:

@@ -14,17 +14,22 @@ def rules_tuple(rules) -> Tuple[Tuple[str, Any], ...]:
     return tuple((str(name), (tuple(ax) if isinstance(ax, (list, tuple)) else ax)) for name, ax in rules)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Drop mesh axes from dims they do not divide (tiny configs on big meshes stay correct, just replicated)."""
-    out = []
-    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> Tuple[P, list]:
+    """Drop mesh axes from dims they do not divide (tiny configs on big meshes stay correct, just replicated).
+    Returns (spec, [(dim index, dim size, mesh axes, axes size)] of each dropped axis) so the caller can say so."""
+    out, dropped = [], []
+    for i, (dim, ax) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         if ax is None:
             out.append(None)
             continue
         names = ax if isinstance(ax, tuple) else (ax,)
         size = int(np.prod([mesh.shape[a] for a in names]))
-        out.append(ax if dim % size == 0 else None)
-    return P(*out)
+        if dim % size == 0:
+            out.append(ax)
+        else:
+            out.append(None)
+            dropped.append((i, dim, ax, size))
+    return P(*out), dropped
 
 
 def unbox(tree: Any) -> Any:
@@ -33,14 +38,26 @@ def unbox(tree: Any) -> Any:
                                   is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def logical_to_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
-    """Shardings for a boxed (nn.Partitioned) abstract pytree; unboxed leaves are replicated."""
+def logical_to_shardings(abstract_boxed: Any, mesh: Mesh, rules, log_replicated: bool = True) -> Any:
+    """Shardings for a boxed (nn.Partitioned) abstract pytree; unboxed leaves are replicated. Each array whose dim a
+    mesh axis does not divide is replicated along that dim, and (log_replicated) said once in the log."""
     specs = nn.get_partition_spec(abstract_boxed)
     mesh_specs = nn.logical_to_mesh(specs, rules_tuple(rules))
     unboxed = unbox(abstract_boxed)
-    return jax.tree_util.tree_map(
-        lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
-        mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+    notes = []
+
+    def fit(path, spec, leaf):
+        fitted, dropped = _fit_spec(spec, leaf.shape, mesh)
+        for i, dim, ax, size in dropped:
+            notes.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dim {i} ({dim}) is not divisible by "
+                         f"mesh axis {ax} ({size}), replicated along it")
+        return NamedSharding(mesh, fitted)
+
+    shardings = jax.tree_util.tree_map_with_path(fit, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+    if log_replicated:
+        for note in notes:
+            logging.warning("sharding: %s", note)
+    return shardings
 
 
 def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> Tuple[Any, Any]:
@@ -71,9 +88,17 @@ def global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
             for k, v in local_batch.items()}
 
 
-def log_param_shardings(params: Any, shardings: Any, limit: int = 12) -> None:
-    rows = []
-    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(shardings)):
-        if any(s is not None for s in sh.spec):
-            rows.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {sh.spec}")
-    logging.info("%d sharded parameter arrays%s", len(rows), (": " + "; ".join(rows[:limit])) if rows else "")
+def sharding_table(params: Any, shardings: Any) -> str:
+    """One line per parameter array: path, shape, PartitionSpec."""
+    rows = [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {sh.spec}"
+            for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(shardings))]
+    return "\n".join(rows)
+
+
+def log_param_shardings(params: Any, shardings: Any) -> None:
+    """The sharding table at the start of a run: the sharded arrays (the rest are replicated)."""
+    leaves = list(zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(shardings)))
+    rows = [f"  {jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {sh.spec}" for (path, leaf), sh in leaves
+            if any(s is not None for s in sh.spec)]
+    logging.info("sharding: %d of %d parameter arrays sharded over mesh %s%s", len(rows), len(leaves),
+                 dict(next(iter(leaves))[1].mesh.shape) if leaves else {}, ("\n" + "\n".join(rows)) if rows else "")

@@ -71,6 +71,9 @@ class AutoencoderKL(nn.Module):
     use_variational: bool = True
     # GroupNorm groups (official 32); fewer allows tiny widths such as ch=16.
     num_groups: int = 32
+    # Consumers train on z * scale_factor (MAR: 0.2325 = 1 / std of the KL-16 ImageNet latents); a property of the
+    # trained latent space, so it travels with the tokenizer. Not used inside the module.
+    scale_factor: float = 0.2325
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -118,26 +121,3 @@ class AutoencoderKL(nn.Module):
         else:
             z = posterior.mode()
         return self.decode(z.astype(self.dtype), deterministic), moments
-
-    @classmethod
-    def from_config(cls, config) -> "AutoencoderKL":
-        """Build from a run config (reads `config.model`, `config.compute_dtype`, `config.param_dtype`) or directly from a
-        model ConfigDict (then dtypes come from its own `compute_dtype` / `param_dtype` if present, else float32).
-
-        config.model fields (all optional, defaults = official KL-16): ch, ch_mult, num_res_blocks, attn_resolutions,
-        resolution (nominal input size; only places attention), in_channels, out_ch, z_channels, embed_dim, double_z,
-        dropout, decoder_attn_resolutions, use_variational, num_groups. Other keys (recon_loss, kl_weight, scale_factor, ...) are
-        ignored here.
-        """
-        model = config.model if "model" in config else config
-        get = lambda k, d: model.get(k, d) if hasattr(model, "get") else getattr(model, k, d)  # noqa: E731
-        top = config.get if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
-        defaults = cls.__dataclass_fields__
-        kwargs = {}
-        for name in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "in_channels", "out_ch",
-                     "z_channels", "embed_dim", "double_z", "dropout", "decoder_attn_resolutions", "use_variational",
-                     "num_groups"):
-            value = get(name, defaults[name].default)
-            kwargs[name] = tuple(value) if isinstance(value, (list, tuple)) else value
-        return cls(dtype=jnp.dtype(top("compute_dtype", "float32")),
-                   param_dtype=jnp.dtype(top("param_dtype", "float32")), **kwargs)

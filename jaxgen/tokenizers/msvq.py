@@ -248,10 +248,3 @@ class VQVAE(nn.Module):
         counts = jnp.stack([code_counts(idx, self.vocab_size) for idx in idx_list])
         return {"recon": recon, "vq_loss": vq_loss, "counts": counts, "f": f, "z": jnp.concatenate(z_list, axis=1),
                 "idx": idx_list}
-
-
-def vqvae_from_config(model_cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> VQVAE:
-    """Build from a config mapping with VQVAE field names (unknown keys are ignored)."""
-    fields = {f for f in VQVAE.__dataclass_fields__ if f not in ("parent", "name", "dtype", "param_dtype")}
-    kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(model_cfg).items() if k in fields}
-    return VQVAE(dtype=dtype, param_dtype=param_dtype, **kwargs)

@@ -2,16 +2,15 @@
 
 One jitted, donated step compiled once; params and optimizer state created sharded; async atomic checkpoints
 with the data-iterator state; exact auto-resume; SIGTERM -> save and exit 0; non-finite loss -> halt naming the
-step and the last good checkpoint.
+step and the last good checkpoint. Callbacks (`on_step(trainer, step)`) run after each step on the host.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,8 +22,7 @@ from jaxgen.errors import ConfigError, UserError
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import sharding as sh
 from jaxgen.train import checkpoint as ckpt_lib
-from jaxgen.train import export, optim
-from jaxgen.train import state as state_lib
+from jaxgen.train import restore
 from jaxgen.train.logger import RunLogger, count_params, parameter_overview
 from jaxgen.train.step import make_train_step
 
@@ -78,41 +76,22 @@ def validate_batch(config, mesh, rules) -> int:
     return dp
 
 
-def put_frozen(frozen: Any, mesh) -> Any:
-    """Frozen arrays (e.g. tokenizer params) replicated on the mesh."""
-    rep = sh.replicated(mesh)
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, rep), frozen)
-
-
-def build_state(family, config, mesh, rules, tx):
-    key = jax.random.PRNGKey(config.seed)
-    init_rng, state_rng = jax.random.split(key)
-
-    def init_fn():
-        params = family.init(init_rng)
-        return state_lib.create(params, ema=config.optim.ema_decay > 0, tx=tx, seed_key=state_rng)
-
-    return sh.sharded_init(init_fn, mesh, rules)
-
-
 class Trainer:
     """Holds what a run needs; `run()` trains from scratch or resumes from the workdir."""
 
-    def __init__(self, config, workdir: str, frozen: Any = None, family=None):
+    def __init__(self, config, workdir: str, family=None, mesh=None, frozen: Any = None):
+        """`frozen`: arrays the family needs but does not train (a generator's {'tokenizer': params}), replicated."""
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.family = family or families.build(config)
-        self.mesh = mesh_lib.make_mesh(config.mesh)
+        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
         self.rules = sh.rules_tuple(config.mesh.rules)
         validate_batch(config, self.mesh, self.rules)
-        self.schedule = optim.make_schedule(config.optim, config.total_steps, config.batch_size)
-        self.frozen = put_frozen(frozen if frozen is not None else self.family.load_frozen(), self.mesh)
-        # Weight-decay mask from the family, computed on abstract params (no allocation).
-        abstract_params = sh.unbox(jax.eval_shape(self.family.init, jax.random.PRNGKey(0)))
-        decay_mask = self.family.weight_decay_mask(abstract_params)
-        self.tx = optim.make_optimizer(config.optim, self.schedule, decay_mask)
+        self.frozen = restore.replicate(frozen if frozen is not None else {}, self.mesh)
+        self.schedule, self.tx = restore.make_optimizer(config, self.family)
         with self.mesh_context():
-            self.state, self.state_shardings = build_state(self.family, config, self.mesh, self.rules, self.tx)
+            self.state, self.state_shardings = restore.init_train_state(config, self.family, self.mesh, self.rules,
+                                                                        self.tx)
         self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                                   keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
                                                   async_save=config.checkpoint.async_save)
@@ -139,18 +118,18 @@ class Trainer:
         path = self.config.get("init_from", "")
         if not path:
             return
-        abstract = ckpt_lib.abstract_like(self.state.params)
-        params = export.load_params(path, abstract, prefer_ema=False)
+        params = restore.init_params_from(path, self.family, self.mesh, self.rules)
         ema = self.state.ema_params
         self.state = self.state.replace(params=params, ema_params=(jax.tree_util.tree_map(jnp.copy, params)
                                                                    if ema is not None else None))
         logging.info("initialised params from %s", path)
 
-    def run(self, data_iter, on_sample=None) -> TrainResult:
+    def run(self, data_iter, on_sample=None, callbacks: Sequence[Any] = ()) -> TrainResult:
         config = self.config
         start = self.checkpointer.latest_step()
         if start is not None:
-            restored = self.checkpointer.restore(start, ckpt_lib.abstract_like(self.state), data_iter)
+            target = restore.abstract_train_state(config, self.family, self.mesh, self.rules, self.tx)
+            restored = self.checkpointer.restore(start, target, data_iter)
             self.state = restored["state"]
             logging.info("resumed from %s at step %d", self.checkpointer.directory, start)
         else:
@@ -161,6 +140,8 @@ class Trainer:
             n = count_params(self.state.params)
             logging.info("%s: %s parameters\n%s", config.family, f"{n:,}", parameter_overview(self.state.params))
             logger.text("config", "```\n" + str(config) + "\n```")
+        if logger.enabled:
+            sh.log_param_shardings(self.state.params, self.state_shardings.params)
         with self.mesh_context():
             step_fn = self._compile_step()
         meta = {"family": config.family}
@@ -169,8 +150,6 @@ class Trainer:
         stopped = False
         logger.start(start)
         step = start
-        # Testing hook for preemption / kill paths: makes each step take at least this long.
-        step_delay = float(os.environ.get("JAXGEN_STEP_DELAY_S", "0") or 0)
         try:
             with _SignalFlag() as sigterm, self.mesh_context():
                 while step < config.total_steps:
@@ -179,8 +158,8 @@ class Trainer:
                     self.state, metrics = step_fn(self.state, batch, self.frozen)
                     pending.append(metrics)
                     step += 1
-                    if step_delay:
-                        time.sleep(step_delay)
+                    for callback in callbacks:
+                        callback.on_step(self, step)
                     last = step == config.total_steps
                     if step % config.log_every == 0 or last:
                         self._check_finite(last_good)
@@ -226,39 +205,3 @@ def _preemption_reached(step: int) -> bool:
         return bool(multihost_utils.reached_preemption_sync_point(step))
     except Exception:  # noqa: BLE001 - preemption service not enabled
         return False
-
-
-def restore_params(config, workdir: str, family=None, prefer_ema: bool = True):
-    """Params of a run (EMA when available) from its latest checkpoint, sharded for `config.mesh`."""
-    family = family or families.build(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = sh.rules_tuple(config.mesh.rules)
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if export.is_params_dir(workdir):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            abstract = jax.eval_shape(family.init, jax.random.PRNGKey(0))
-            shardings = sh.logical_to_shardings(abstract, mesh, rules)
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        sh.unbox(abstract), shardings)
-        return export.load_params(workdir, target, prefer_ema=prefer_ema), mesh
-    if not os.path.isdir(ckpt_dir):
-        from jaxgen.errors import CheckpointError
-        raise CheckpointError(f"no checkpoints in {workdir}; train first (--mode=train) or pass a converted params "
-                              f"directory as --workdir / --config.init_from")
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        from jaxgen.errors import CheckpointError
-        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}; train first (--mode=train)")
-    tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, config.total_steps, config.batch_size),
-                              family.weight_decay_mask(sh.unbox(jax.eval_shape(family.init, jax.random.PRNGKey(0)))))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_state = jax.eval_shape(lambda: state_lib.create(family.init(jax.random.PRNGKey(0)),
-                                                                 config.optim.ema_decay > 0, tx, jax.random.PRNGKey(0)))
-        shardings = sh.logical_to_shardings(abstract_state, mesh, rules)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    sh.unbox(abstract_state), shardings)
-    state = checkpointer.restore(step, target)["state"]
-    checkpointer.close()
-    params = state.ema_params if (prefer_ema and state.ema_params is not None) else state.params
-    return params, mesh

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxgen.convert.kl_vae import convert_kl_vae
+from jaxgen.convert.kl_vae import convert_kl_vae, kl_vae_module
 from jaxgen.tokenizers.kl_vae import AutoencoderKL, DiagonalGaussian
 from tests.parity.fixtures import assert_close, parametrize_fixtures, require
 
@@ -39,7 +39,7 @@ def nhwc(x):
 def test_klvae_parity(fixture):
     fx = require(fixture)
     cfg = model_config(fx.meta)
-    model = AutoencoderKL.from_config(cfg)
+    model = kl_vae_module(cfg)
     params = {"params": convert_kl_vae(fx.weights, cfg)}
     io = fx.io
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from configs.kl16 import get_config
-from jaxgen.convert.kl_vae import expected_shapes, kl_vae_key_map
+from jaxgen.convert.kl_vae import expected_shapes, kl_vae_key_map, kl_vae_module
 from jaxgen.tokenizers.kl_vae import AutoencoderKL
 from tests.parity.fixtures import parity_dir
 
@@ -23,7 +23,7 @@ def test_kl16_manifest_maps_onto_params():
 
     plan = kl_vae_key_map(shapes, config)  # raises on any missing / unexpected key or shape mismatch
     assert set(plan) == set(shapes)
-    want = expected_shapes(AutoencoderKL.from_config(config))
+    want = expected_shapes(kl_vae_module(config))
     assert len(want) == len(shapes) and {p for p, _ in plan.values()} == set(want)
     n = sum(math.prod(s) for s in want.values())
     assert n == manifest["num_float_elements"], (n, manifest["num_float_elements"])

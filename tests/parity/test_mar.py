@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from jaxgen.convert.mar import convert_mar
-from jaxgen.families.mar.model import MAR, MODEL_FIELDS
+from jaxgen import strict
+from jaxgen.families.mar.model import MAR
 from jaxgen.nn.diffusion_head import timestep_embedding
 from jaxgen.nn.transformer import Block
 from tests.parity.fixtures import assert_close, parametrize_fixtures, require
@@ -25,7 +26,11 @@ def _model_config(meta):
     norm_layer = str(kw.pop("norm_layer", ""))
     found = re.search(r"eps\s*=\s*([0-9.eE+-]+)", norm_layer)
     kw["norm_eps"] = float(found.group(1)) if found else 1e-5  # torch LayerNorm default (MAR's own default)
-    return {k: v for k, v in kw.items() if k in MODEL_FIELDS}
+    # Official constructor arguments that jaxgen keeps outside the module: the sampler's DDPM respacing
+    # (config.sample.num_sampling_steps) and gradient checkpointing (config.remat).
+    for elsewhere in ("num_sampling_steps", "grad_checkpointing"):
+        kw.pop(elsewhere, None)
+    return strict.check_keys(MAR, kw, "the fixture's MAR constructor kwargs")
 
 
 def _nhwc(x):

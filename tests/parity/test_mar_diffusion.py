@@ -16,7 +16,7 @@ import pytest
 
 from jaxgen.diffusion.diffloss import diffloss_sample
 from jaxgen.diffusion.gaussian import _TABLES, create_diffusion
-from jaxgen.families.mar.schedule import mar_mask_schedule
+from jaxgen.sampling.schedules import mar_mask_schedule
 from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
 from tests.parity.denoiser import build_denoiser, denoiser_weights
 from tests.parity.fixtures import assert_close, assert_equal_int, parametrize_fixtures, require

@@ -12,7 +12,8 @@ import pytest
 
 from configs import mar_b, mar_h, mar_l
 from jaxgen.convert.mar import convert_mar
-from jaxgen.families.mar.model import MAR, abstract_params
+from jaxgen import families
+from jaxgen.train.restore import abstract_params
 from tests.parity.fixtures import parity_dir
 
 CASES = [("mar_base", mar_b), ("mar_large", mar_l), ("mar_huge", mar_h)]
@@ -32,7 +33,7 @@ def test_mar_manifest(manifest_name, config_module):
     config = config_module.get_config()
     params = convert_mar(_fake_state_dict(manifest), config)  # raises on any missing/unexpected key or shape
 
-    ref = abstract_params(MAR.from_config(config))
+    ref = abstract_params(families.build(config))
     n_ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(ref))
     n_conv = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     assert n_ours == n_conv == manifest["num_float_elements"], (n_ours, n_conv, manifest["num_float_elements"])

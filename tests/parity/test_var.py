@@ -10,7 +10,7 @@ from jaxgen.convert.var import convert_var, var_arch_from_state_dict
 from jaxgen.families.var.model import VAR, block_causal_bias, level_ids
 from jaxgen.families.var.sampler import autoregressive_infer_cfg
 from tests.parity.fixtures import (assert_close, assert_equal_int, fixtures_of, parametrize_fixtures, require)
-from tests.parity.test_var_vqvae import build_vqvae
+from tests.parity.test_var_vqvae import build_vqvae, msvq_family
 
 ATOL = RTOL = 1e-4
 
@@ -35,7 +35,8 @@ def matching_vqvae(model):
         sd = fx.meta["state_dict"]
         if tuple(sd["quantize.embedding.weight"]["shape"]) == (model.vocab_size, model.cvae) and \
                 tuple(fx.meta["constructor_kwargs"]["v_patch_nums"]) == tuple(model.patch_nums):
-            return build_vqvae(fx)
+            model, variables = build_vqvae(fx)
+            return msvq_family(model), variables
     pytest.fail("no var_vqvae fixture matches the VAR fixture's vocabulary / Cvae / patch_nums (its vae_local)")
 
 
@@ -62,8 +63,8 @@ def test_var_parity(fixture):
     assert_equal_int("lvl_1L", level_ids(model.patch_nums)[None], io["lvl_1L"])
 
     # Greedy (top_k=1) KV-cached sampling with CFG, decoded by the matching VQVAE fixture.
-    vae, vae_vars = matching_vqvae(model)
-    run = jax.jit(lambda p, vp, lab, rng: autoregressive_infer_cfg(model, vae, p, vp, lab, rng, cfg=float(io["ar_cfg"]),
+    tokenizer, vae_vars = matching_vqvae(model)
+    run = jax.jit(lambda p, vp, lab, rng: autoregressive_infer_cfg(model, tokenizer, p, vp, lab, rng, cfg=float(io["ar_cfg"]),
                                                                     top_k=1, top_p=0.0, return_details=True))
     out = run(params, vae_vars["params"], labels, jax.random.PRNGKey(0))
     close("ar_logits_after_cfg", out["logits"])

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from jaxgen.convert.var import convert_vqvae, vqvae_arch_from_state_dict
-from jaxgen.tokenizers.msvq import VQVAE, vqvae_from_config
+from jaxgen import strict
+from jaxgen.tokenizers.msvq import VQVAE
 from tests.parity.fixtures import assert_close, assert_equal_int, parametrize_fixtures, require
 
 ATOL = RTOL = 1e-4
@@ -17,9 +18,24 @@ def build_vqvae(fixture):
     shapes = {k: tuple(v["shape"]) for k, v in fixture.meta["state_dict"].items()}
     cfg = dict(vqvae_arch_from_state_dict(shapes))
     cfg.update({k: v for k, v in fixture.meta["constructor_kwargs"].items() if k != "test_mode"})
-    model = vqvae_from_config(cfg)
+    model = strict.build(VQVAE, cfg, "the fixture's VQVAE fields")
     params = convert_vqvae(fixture.weights, cfg)
     return model, {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+
+
+def msvq_family(model: VQVAE):
+    """The tokenizer family around a fixture's VQVAE (what VAR's sampler talks to)."""
+    import dataclasses
+
+    from configs.common import base_config
+    from jaxgen.families.msvq import MSVQFamily
+
+    c = base_config()
+    c.family = "msvq"
+    c.model.update({f: getattr(model, f) for f in strict.field_names(VQVAE) if f not in ("dtype", "param_dtype")})
+    c.data.image_size = model.v_patch_nums[-1] * 2 ** (len(model.ch_mult) - 1)
+    c.data.channels = model.in_channels
+    return MSVQFamily(c)
 
 
 def nhwc(x):

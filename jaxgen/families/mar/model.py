@@ -26,12 +26,6 @@ from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
 from jaxgen.nn.layers import Dense, Dtype, Embed, LayerNorm, constrain, with_axes
 from jaxgen.nn.transformer import BlockStack
 
-# config.model fields that map one-to-one onto MAR attributes.
-MODEL_FIELDS = ("img_size", "vae_stride", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
-                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "vae_embed_dim", "class_num",
-                "buffer_size", "label_drop_prob", "attn_dropout", "proj_dropout", "diffloss_d", "diffloss_w",
-                "norm_eps")
-
 _normal02 = nn.initializers.normal(0.02)
 
 
@@ -80,25 +74,15 @@ class MAR(nn.Module):
     diffloss_d: int = 3
     diffloss_w: int = 1024
     norm_eps: float = 1e-6  # blocks and encoder/decoder norms (z_proj_ln is always 1e-6, as official)
+    # Training knobs the official MAR constructor takes too: masks hold >= ceil(L * mask_ratio_min) tokens (mask
+    # ratio ~ TruncNormal(1, 0.25) on [mask_ratio_min, 1]), and DiffLoss sees each row diffusion_batch_mul times.
+    mask_ratio_min: float = 0.7
+    diffusion_batch_mul: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     remat: bool = False
     scan_layers: bool = False
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> "MAR":
-        """Build from a run config: config.model fields, config.{compute_dtype, param_dtype, remat, attention_impl,
-        scan_layers}. Fields absent from config.model keep the class defaults."""
-        m = config.model
-        kw = {f: m[f] for f in MODEL_FIELDS if f in m}
-        kw.update(dtype=jnp.dtype(config.get("compute_dtype", "float32")),
-                  param_dtype=jnp.dtype(config.get("param_dtype", "float32")),
-                  attention_impl=config.get("attention_impl", "auto"),
-                  remat=bool(config.get("remat", False)),
-                  scan_layers=bool(config.get("scan_layers", False)))
-        kw.update(overrides)
-        return cls(**kw)
 
     # ---- static sizes -------------------------------------------------------------------------------------------
     @property
@@ -241,8 +225,3 @@ def dummy_inputs(model: MAR, batch: int = 1):
 def init_params(model: MAR, rng: jax.Array):
     """Boxed params (logical-axis metadata kept) of the whole MAR incl. the diffusion head."""
     return model.init({"params": rng}, *dummy_inputs(model))["params"]
-
-
-def abstract_params(model: MAR):
-    """Unboxed ShapeDtypeStructs of the params, no allocation (for converters and manifests)."""
-    return nn.meta.unbox(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))))

@@ -1,11 +1,13 @@
 """VAR as a trainable family: teacher forcing over the whole scale pyramid, and the KV-cached CFG sampler.
 
 Config fields read:
-  config.model               the transformer (`var_from_config`): depth (width 64*depth, depth heads unless embed_dim /
-                             num_heads are set), mlp_ratio, drop_path_rate (default 0.1*depth/24, rising linearly over
-                             the blocks), shared_aln, attn_l2_norm, cond_drop_rate (0.1), init_adaln, init_adaln_gamma
-                             (the official `alng`), init_head, init_std, num_classes (default config.data.num_classes),
-                             patch_nums (default: the tokenizer's v_patch_nums; must equal them), plus
+  config.model               the transformer's fields, strictly (`var_from_config`): depth (width 64*depth, depth
+                             heads unless embed_dim / num_heads are set), mlp_ratio, drop_path_rate (default
+                             0.1*depth/24, rising linearly over the blocks), shared_aln, attn_l2_norm, cond_drop_rate
+                             (0.1), init_adaln, init_adaln_gamma (the official `alng`), init_head, init_std,
+                             num_classes (default config.data.num_classes), patch_nums (default: the tokenizer's
+                             v_patch_nums; must equal them)
+  config.loss
     label_smoothing          cross-entropy label smoothing (official default 0)
     train_scales             progressive training stage: 0 (default) trains on every scale; k > 0 trains on the first
                              k scales only (a shorter sequence, so cheaper steps). The official progressive schedule
@@ -13,7 +15,8 @@ Config fields read:
                              inside the loss, which the trainer does not pass: run the stages as successive runs
                              (config.init_from = the previous stage's workdir) instead.
   config.tokenizer.config    the msvq tokenizer's run config (what the pipeline trains / loads); its params arrive in
-                             frozen['tokenizer']
+                             frozen['tokenizer']; with data.source='cached' batches hold its cached 'indices'
+
   config.sample              cfg, top_k, top_p, more_smooth (official FID settings: 1.5, 900, 0.96, False)
 
 Loss: images -> frozen tokenizer -> per-scale token ids and the teacher-forcing input -> VAR logits -> cross-entropy,
@@ -22,7 +25,8 @@ inside the model; drop path is active in training.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import dataclasses
+from typing import Any, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -59,61 +63,57 @@ def var_weight_decay_mask(params: Params) -> Any:
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
+@dataclasses.dataclass(frozen=True)
+class VARLoss:
+    label_smoothing: float = 0.0
+    train_scales: int = 0  # 0: every scale
+
+
+@dataclasses.dataclass(frozen=True)
+class VARSample:
+    cfg: float = 1.5
+    top_k: int = 0
+    top_p: float = 0.0
+    more_smooth: bool = False
+
+
 class VARFamily(Family):
     name = "var"
-    tokenizer = "msvq"
-    batch_keys = ("image", "label")
+    tokenizer_families = ("msvq",)
+    LossSettings = VARLoss
+    SampleSettings = VARSample
+    supports = ("remat", "attention_impl")
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.tokenizer_family = self._build_tokenizer_family()
-        vae = self.tokenizer_family.model
+        tok = self.tokenizer
         m = dict(config.model)
-        pns = tuple(int(p) for p in m.get("patch_nums") or vae.v_patch_nums)
-        if pns != tuple(vae.v_patch_nums):
+        pns = tuple(int(p) for p in m.get("patch_nums") or tok.patch_nums)
+        if pns != tok.patch_nums:
             raise ConfigError(f"config.model.patch_nums {pns} differ from the tokenizer's v_patch_nums "
-                              f"{tuple(vae.v_patch_nums)}; make them equal (or drop config.model.patch_nums)")
+                              f"{tok.patch_nums}; make them equal (or drop config.model.patch_nums)")
         m["patch_nums"] = pns
-        m.setdefault("num_classes", int(config.data.get("num_classes", 1000)))
-        dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-        param_dtype = jnp.dtype(config.get("param_dtype", "float32"))
-        self.model: VAR = var_from_config(m, vocab_size=vae.vocab_size, cvae=vae.z_channels,
-                                          attn_impl=str(config.get("attention_impl", "auto")),
-                                          remat=bool(config.get("remat", False)), dtype=dtype, param_dtype=param_dtype)
-        self.label_smoothing = float(m.get("label_smoothing", 0.0) or 0.0)
+        m.setdefault("num_classes", int(config.data.num_classes))
+        self.model: VAR = var_from_config(m, vocab_size=tok.model.vocab_size, cvae=tok.model.z_channels,
+                                          attn_impl=str(config.attention_impl), remat=bool(config.remat),
+                                          dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(pns)
-        self.train_scales = int(m.get("train_scales", 0) or 0) or n
+        self.train_scales = self.loss_settings.train_scales or n
         if not 1 <= self.train_scales <= n:
-            raise ConfigError(f"config.model.train_scales={self.train_scales} must be 0 (all) or in 1..{n}")
-        self.image_size = self.tokenizer_family.image_size
-        data_size = int(config.data.get("image_size", self.image_size))
-        if data_size != self.image_size:
-            raise ConfigError(f"config.data.image_size={data_size} but the tokenizer maps {self.image_size}px images "
-                              f"onto its last patch number {pns[-1]}; make them equal")
+            raise ConfigError(f"config.loss.train_scales={self.train_scales} must be 0 (all) or in 1..{n}")
+        if self.image_shape()[0] != tok.image_size:
+            raise ConfigError(f"config.data.image_size={self.image_shape()[0]} but the tokenizer maps "
+                              f"{tok.image_size}px images onto its last patch number {pns[-1]}; make them equal")
 
-    # --- tokenizer ---------------------------------------------------------------------------------------------
-    def _build_tokenizer_family(self):
-        tok = self.config.get("tokenizer")
-        tok_cfg = None if tok is None else tok.get("config")
-        if tok_cfg is None:
-            raise ConfigError("VAR needs its multi-scale VQ tokenizer's run config in config.tokenizer.config "
-                              "(family 'msvq', e.g. configs/vqvae_256.py or configs/msvq_tiny.py)")
-        if tok_cfg.family != "msvq":
-            raise ConfigError(f"VAR's tokenizer must be family 'msvq', got {tok_cfg.family!r}")
-        from jaxgen.families.msvq import MSVQFamily
-
-        return MSVQFamily(tok_cfg)
-
-    def teacher_forcing_inputs(self, images: jax.Array, frozen: Any) -> Tuple[List[jax.Array], jax.Array]:
-        """Images -> (token ids per scale [(B, pn^2)], teacher-forcing input (B, L - first_l, Cvae)), both cut to the
-        first `train_scales` scales."""
+    def teacher_forcing_inputs(self, batch: Batch, frozen: Any) -> Tuple[List[jax.Array], jax.Array]:
+        """A batch (images or cached indices) -> (token ids per scale [(B, pn^2)], teacher-forcing input
+        (B, L - first_l, Cvae)), both cut to the first `train_scales` scales."""
         tok_params = self.tokenizer_params(frozen)
-        idx_list = self.tokenizer_family.img_to_idx(tok_params, images)
-        x_in = self.tokenizer_family.idx_to_var_input(tok_params, idx_list)
+        idx_list = self.tokenizer.split_scales(self.codes_from_batch(batch, frozen)["indices"])
+        x_in = self.tokenizer.var_input(tok_params, idx_list)
         k = self.train_scales
         end = begin_ends(self.model.patch_nums)[k - 1][1]
-        idx_list = [jax.lax.stop_gradient(i) for i in idx_list[:k]]
-        return idx_list, jax.lax.stop_gradient(x_in[:, :end - self.model.first_l])
+        return idx_list[:k], jax.lax.stop_gradient(x_in[:, :end - self.model.first_l])
 
     # --- trainer interface -------------------------------------------------------------------------------------
     def init(self, rng: jax.Array) -> Params:
@@ -122,11 +122,11 @@ class VARFamily(Family):
         return self.model.init({"params": rng}, labels, x)["params"]
 
     def loss(self, params: Params, batch: Batch, rng: jax.Array, frozen: Any) -> Tuple[jax.Array, Metrics]:
-        idx_list, x_in = self.teacher_forcing_inputs(batch["image"].astype(jnp.float32), frozen)
+        idx_list, x_in = self.teacher_forcing_inputs(batch, frozen)
         targets = jnp.concatenate(idx_list, axis=1)  # (B, L)
         logits = self.model.apply({"params": params}, batch["label"].astype(jnp.int32), x_in, train=True,
                                   rngs={"dropout": rng})
-        per_token = cross_entropy(logits, targets, self.label_smoothing)
+        per_token = cross_entropy(logits, targets, self.loss_settings.label_smoothing)
         loss = jnp.mean(per_token)
         correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
         tail = slice(*begin_ends(self.model.patch_nums)[self.train_scales - 1])  # the finest trained scale
@@ -137,20 +137,11 @@ class VARFamily(Family):
     def weight_decay_mask(self, params: Params) -> Any:
         return var_weight_decay_mask(params)
 
-    def dummy_batch(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
-        s, c = self.image_size, self.tokenizer_family.model.in_channels
-        return {"image": jax.ShapeDtypeStruct((batch_size, s, s, c), jnp.float32),
-                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-
     # --- sampling ----------------------------------------------------------------------------------------------
-    def sample_settings(self) -> Dict[str, Any]:
-        s = self.config.sample
-        return dict(cfg=float(s.get("cfg", 1.5)), top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 0.0)),
-                    more_smooth=bool(s.get("more_smooth", False)))
-
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
         """KV-cached CFG sampling (see `autoregressive_infer_cfg`) with config.sample's settings; images NHWC float32
-        in [-1, 1]. Call under jit (`jaxgen.sampling.generate` does): every scale unrolls into one program, compiled
+        in [-1, 1]. Call under jit (`jaxgen.sampling.Sampler` does): every scale unrolls into one program, compiled
         once per batch size."""
-        return autoregressive_infer_cfg(self.model, self.tokenizer_family.model, params,
-                                        self.tokenizer_params(frozen), labels, rng, **self.sample_settings())
+        s = self.sample_settings
+        return autoregressive_infer_cfg(self.model, self.tokenizer, params, self.tokenizer_params(frozen), labels,
+                                        rng, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen import strict
 from jaxgen.nn.attention import dot_product_attention
 from jaxgen.nn.layers import Dense, DropPath, Embed, LayerNorm, constrain, gelu_tanh, with_axes
 
@@ -339,20 +340,14 @@ class AdaLNBeforeHead(nn.Module):
 
 
 def var_from_config(m, vocab_size: int, cvae: int, attn_impl: str = "xla", remat: bool = False,
-                    dtype=jnp.float32, param_dtype=jnp.float32) -> VAR:
-    """Build from config.model fields: depth (width 64*depth and depth heads unless embed_dim / num_heads are given),
-    num_classes, patch_nums, shared_aln, attn_l2_norm, drop_path_rate (default 0.1*depth/24), ... ."""
-    m = dict(m)
-    depth = int(m["depth"])
-    embed_dim = int(m.get("embed_dim") or 64 * depth)
-    num_heads = int(m.get("num_heads") or depth)
-    dpr = m.get("drop_path_rate")
-    return VAR(vocab_size=vocab_size, cvae=cvae, num_classes=int(m.get("num_classes", 1000)), depth=depth,
-               embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=float(m.get("mlp_ratio", 4.0)),
-               drop_path_rate=float(0.1 * depth / 24 if dpr is None else dpr), norm_eps=float(m.get("norm_eps", 1e-6)),
-               shared_aln=bool(m.get("shared_aln", False)), cond_drop_rate=float(m.get("cond_drop_rate", 0.1)),
-               attn_l2_norm=bool(m.get("attn_l2_norm", True)),
-               patch_nums=tuple(int(p) for p in m.get("patch_nums", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))),
-               init_adaln=float(m.get("init_adaln", 0.5)), init_adaln_gamma=float(m.get("init_adaln_gamma", 1e-5)),
-               init_head=float(m.get("init_head", 0.02)), init_std=float(m.get("init_std", -1.0)),
-               attn_impl=attn_impl, remat=remat, dtype=dtype, param_dtype=param_dtype)
+                    dtype=jnp.float32, param_dtype=jnp.float32, where: str = "config.model") -> VAR:
+    """Build from config.model (strict: every key must be a VAR field). The official size rule fills what is not
+    given: width 64 * depth, depth heads, drop path 0.1 * depth / 24."""
+    fields = strict.check_keys(VAR, m, where, exclude=("vocab_size", "cvae", "attn_impl", "remat", "dtype",
+                                                       "param_dtype"))
+    depth = int(fields.get("depth", VAR.depth))
+    fields.setdefault("embed_dim", 64 * depth)
+    fields.setdefault("num_heads", depth)
+    fields.setdefault("drop_path_rate", 0.1 * depth / 24)
+    return VAR(vocab_size=vocab_size, cvae=cvae, attn_impl=attn_impl, remat=remat, dtype=dtype,
+               param_dtype=param_dtype, **fields)

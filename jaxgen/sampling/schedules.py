@@ -1,18 +1,19 @@
-"""MAR's cosine mask schedule (official `MAR.sample_tokens`), as static numpy arrays.
+"""Mask schedules of the masked / parallel decoders, as static numpy arrays or traced ratios.
 
-The number of tokens unmasked at each step depends only on (seq_len, num_iter), so a sampler can use
-these as constants and keep every shape static.
+How many tokens stay masked after each step depends only on (seq_len, num_steps), so samplers take these as
+constants and keep every shape static.
 """
 from __future__ import annotations
 
 import math
 from typing import Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 
 def mar_mask_schedule(seq_len: int, num_iter: int) -> Tuple[np.ndarray, np.ndarray]:
-    """-> (mask_len[num_iter], num_predicted[num_iter]), int64.
+    """MAR's cosine schedule (official `MAR.sample_tokens`) -> (mask_len[num_iter], num_predicted[num_iter]), int64.
 
     mask_len[k]: the official `mask_len` after step k = max(1, min(masked_before - 1, floor(seq_len *
     cos(pi/2 * (k+1)/num_iter)))), i.e. tokens left masked after step k (the last step's value, 1, is what
@@ -36,3 +37,21 @@ def mar_mask_schedule(seq_len: int, num_iter: int) -> Tuple[np.ndarray, np.ndarr
             num_pred[step] = masked - length
             masked = length
     return mask_len, num_pred
+
+
+# Mask-ratio functions of the decoding progress r in [0, 1] (MaskGIT-style parallel decoding): the fraction of tokens
+# still masked. r may be a traced value.
+MASK_RATIO_FNS = {
+    "cosine": lambda r: jnp.cos(jnp.pi / 2.0 * r),
+    "linear": lambda r: 1.0 - r,
+}
+
+
+def mask_ratio(name: str, progress):
+    """Fraction still masked at `progress` in [0, 1] under the named MaskGIT schedule ('pow<k>' for 1 - r^k)."""
+    if name.startswith("pow") and name[3:].replace(".", "", 1).isdigit():
+        k = float(name[3:])
+        return 1.0 - jnp.asarray(progress, jnp.float32) ** k
+    if name not in MASK_RATIO_FNS:
+        raise ValueError(f"unknown mask schedule {name!r}; use one of {', '.join(sorted(MASK_RATIO_FNS))} or pow<k>")
+    return MASK_RATIO_FNS[name](jnp.asarray(progress, jnp.float32))
