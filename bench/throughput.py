@@ -61,13 +61,13 @@ def _random_batch(family, batch_size, seed=0):
 def _random_frozen(config):
     """Random tokenizer params for families that decode through one (sampling only needs the shapes right)."""
     import jax
-    from jaxgen import families, pipeline
+    from jaxgen import families
     from jaxgen.parallel import sharding as sh
 
-    tok = pipeline.tokenizer_config(config)
+    tok = families.build_tokenizer(config)
     if tok is None:
         return {}
-    return {"tokenizer": sh.unbox(families.build(tok).init(jax.random.PRNGKey(1)))}
+    return {"tokenizer": sh.unbox(jax.jit(tok.init)(jax.random.PRNGKey(1)))}
 
 
 def bench_train(config):
@@ -115,7 +115,7 @@ def bench_sample(config):
     from jaxgen import families
     from jaxgen.parallel import mesh as mesh_lib
     from jaxgen.parallel import sharding as sh
-    from jaxgen.train.trainer import put_frozen
+    from jaxgen.train.restore import replicate
 
     family = families.build(config)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -125,7 +125,7 @@ def bench_sample(config):
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
-        frozen = put_frozen(_random_frozen(config), mesh)
+        frozen = replicate(_random_frozen(config), mesh)
         labels = jax.device_put(np.arange(batch, dtype=np.int32) % int(config.data.num_classes),
                                 sh.batch_sharding(mesh, rules, 1))
         fn = jax.jit(family.sample)
@@ -139,9 +139,11 @@ def bench_sample(config):
             out = compiled(params, frozen, labels, jax.random.PRNGKey(i + 1))
         jax.block_until_ready(out)
         dt = (time.time() - t0) / FLAGS.repeats
+    from jaxgen.families.base import GENERIC_SAMPLE_KEYS
+
     s = config.sample
     return {"what": "sample", "family": config.family, "batch": batch, "compute_dtype": config.compute_dtype,
-            "settings": {k: s[k] for k in sorted(s.keys()) if k not in ("num_per_class", "batch_size", "grid_rows")},
+            "settings": {k: s[k] for k in sorted(s.keys()) if k not in GENERIC_SAMPLE_KEYS},
             "compile_s": round(compile_s, 1), "call_s": dt, "images_per_s": batch / dt}
 
 

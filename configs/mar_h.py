@@ -1,5 +1,5 @@
 """MAR-H on ImageNet 256 (paper Table 4 settings). Variants: `:cached`, `:nocfg`, `:folder` (comma separated)."""
-from configs.mar_common import mar_config
+from configs.mar_common import VARIANTS, mar_config  # noqa: F401  (VARIANTS: what get_config accepts)
 
 
 def get_config(arg=None):

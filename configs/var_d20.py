@@ -1,6 +1,6 @@
 """VAR-d20 with the official recipe (see configs/var_common.py).
 Variants: configs/var_d20.py:no_l2norm,folder."""
-from configs.var_common import var_config
+from configs.var_common import VARIANTS, var_config  # noqa: F401  (VARIANTS: what get_config accepts)
 
 
 def get_config(arg=None):

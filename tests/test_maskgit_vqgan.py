@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.errors import ConfigError
+
 from jaxgen.convert.maskgit_vqgan import build_from_official, convert_maskgit_vqgan, fields_from_official, torch_key
 from jaxgen.nn.quantizer import commitment_loss
 from jaxgen.tokenizers.maskgit_vqgan import MaskGITVQGAN, maskgit_vqgan_from_config
@@ -112,6 +114,6 @@ def test_config_helpers():
         fields_from_official({"channel_mult": [1, 2], "num_resolutions": 3})
     with pytest.raises(ValueError, match="embedding_dim"):
         fields_from_official({"z_channels": 8, "embedding_dim": 4})
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ConfigError, match="does not take"):
         maskgit_vqgan_from_config({"hidden": 8})
     assert maskgit_vqgan_from_config({"dtype": "bfloat16"}).dtype == jnp.bfloat16

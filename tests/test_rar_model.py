@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.errors import ConfigError
+
 from jaxgen.convert.rar import convert_rar, expected_rar_keys
 from jaxgen.families.rar.model import RAR, init_params, rar_from_fields, sample_orders, shuffle_tokens
 
@@ -152,6 +154,6 @@ def test_converter_roundtrip_and_errors(tiny):
         convert_rar({**sd, "extra.weight": np.zeros(1)})
     with pytest.raises(ValueError, match="mlp"):
         convert_rar(sd, {**TINY, "mlp_dim": 64})  # shape check against the module
-    with pytest.raises(ValueError, match="unknown RAR fields"):
+    with pytest.raises(ConfigError, match="mlp_ratio"):
         rar_from_fields({**TINY, "mlp_ratio": 4.0})
     assert rar_from_fields({**TINY, "dtype": "bfloat16"}).dtype == jnp.bfloat16

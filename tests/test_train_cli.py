@@ -15,11 +15,11 @@ import pytest
 from tests.cli_utils import REPO, TINY_VAE, env, error_lines, losses, main_cmd, run_main, tail
 
 
-def _train(workdir, steps, devices=1, extra=(), **env_extra):
+def _train(workdir, steps, devices=1, extra=(), with_log=False, **env_extra):
     proc = run_main([*TINY_VAE, f"--workdir={workdir}", f"--config.total_steps={steps}",
                      f"--config.checkpoint_every={steps}", *extra], devices=devices, **env_extra)
     assert proc.returncode == 0, tail(proc)
-    return losses(str(workdir))
+    return (losses(str(workdir)), proc.stderr) if with_log else losses(str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,12 @@ def test_eight_devices_match_one(tmp_path, one_device_losses):
     one = one_device_losses
     # Pure data parallel over 8 simulated devices, and a 2 x 4 (data x fsdp) mesh with sharded params/optimizer.
     eight = _train(tmp_path / "eight", 10, devices=8)
-    fsdp = _train(tmp_path / "fsdp", 10, devices=8, extra=["--config.mesh.shape=(2,4,1)"])
+    fsdp, log = _train(tmp_path / "fsdp", 10, devices=8, extra=["--config.mesh.shape=(2,4,1)"], with_log=True)
+    # The sharding table opens the run, and each array a mesh axis does not divide is named once with its shape.
+    assert "sharding: " in log and "parameter arrays sharded over mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in log
+    replicated = [line for line in log.splitlines() if "is not divisible by mesh axis fsdp (4)" in line]
+    assert replicated and any("['decoder']['conv_out']['kernel'] (3, 3, 8, 1)" in line for line in replicated)
+    assert len(replicated) == len(set(replicated))
     assert sorted(one) == sorted(eight) == sorted(fsdp) == [5, 10]
     for step in one:
         # Only the order of float32 reductions differs across devices: relative 1e-4 after 10 Adam steps.

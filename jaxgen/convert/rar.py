@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from jaxgen.convert.torch_layout import check_tree_shapes
+from jaxgen import strict
 from jaxgen.families.rar.model import (POS_EXTRA_ROWS, RAR, RAR_SIZES, TIMESTEP_EXTRA_ROWS, abstract_params,
                                        rar_fields, rar_from_fields)
 
@@ -105,10 +106,7 @@ def convert_rar(state_dict: StateDict, config=None, views: bool = False, check: 
     the module built from the config.
     """
     sd = {k: v for k, v in state_dict.items() if k not in RAR_IGNORED}
-    fields = _model_fields(config)
-    unknown = sorted(set(fields) - set(rar_fields()))
-    if unknown:
-        raise ValueError(f"unknown RAR fields {unknown}; known: {', '.join(rar_fields())}")
+    fields = strict.check_keys(RAR, _model_fields(config), "RAR fields")
     blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
     depth = int(fields.get("depth", (max(blocks) + 1) if blocks else 0))
     expected = expected_rar_keys(depth)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen import strict
 from jaxgen.nn.conv import Conv, Downsample, GroupNorm, ResnetBlock, Upsample, swish
 from jaxgen.nn.layers import with_axes
 from jaxgen.nn.quantizer import code_counts, commitment_loss, lookup, nearest_code, straight_through
@@ -223,17 +224,12 @@ class MaskGITVQGAN(nn.Module):
 
 
 def maskgit_vqgan_from_config(config: Mapping[str, Any], dtype: Dtype = None, param_dtype: Dtype = None) -> MaskGITVQGAN:
-    """Build from a plain mapping of MaskGITVQGAN field names (lists become tuples); unknown keys raise ValueError.
+    """Build from a plain mapping of MaskGITVQGAN fields, strictly (`jaxgen.strict`: an unknown key is a ConfigError).
     `dtype` / `param_dtype` may be given here or in the mapping (as names such as 'bfloat16')."""
-    fields = {f for f in MaskGITVQGAN.__dataclass_fields__ if f not in ("parent", "name")}
-    config = dict(config)
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ValueError(f"MaskGITVQGAN: unknown config keys {unknown}; known: {sorted(fields)}")
-    kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()}
+    fields = dict(config)
     for key, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         if value is not None:
-            kwargs[key] = value
-        if key in kwargs:
-            kwargs[key] = jnp.dtype(kwargs[key])
-    return MaskGITVQGAN(**kwargs)
+            fields[key] = value
+        if key in fields:
+            fields[key] = jnp.dtype(fields[key])
+    return strict.build(MaskGITVQGAN, fields, "MaskGITVQGAN fields")

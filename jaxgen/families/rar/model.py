@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen import strict
 from jaxgen.nn.attention import KVCache
 from jaxgen.nn.layers import Dense, Dtype, Embed, constrain, with_axes
 from jaxgen.nn.transformer import AdaLNFinalNorm, AdaLNZeroBlock
@@ -244,19 +245,16 @@ class RAR(nn.Module):
 # ----------------------------------------------------------------------------- construction helpers
 def rar_fields() -> Tuple[str, ...]:
     """The RAR dataclass fields a config may set."""
-    return tuple(f for f in RAR.__dataclass_fields__ if f not in ("parent", "name"))
+    return strict.field_names(RAR)
 
 
 def rar_from_fields(fields: Mapping[str, Any]) -> RAR:
-    """Build RAR from a plain mapping of its fields (dtype / param_dtype may be strings); unknown keys raise."""
+    """Build RAR from a plain mapping of its fields (dtype / param_dtype may be strings), strictly (`jaxgen.strict`)."""
     fields = dict(fields)
-    unknown = sorted(set(fields) - set(rar_fields()))
-    if unknown:
-        raise ValueError(f"unknown RAR fields {unknown}; known: {', '.join(rar_fields())}")
     for name in ("dtype", "param_dtype"):
         if name in fields:
             fields[name] = jnp.dtype(fields[name])
-    return RAR(**fields)
+    return strict.build(RAR, fields, "RAR fields")
 
 
 def init_params(model: RAR, rng: jax.Array):
@@ -267,4 +265,6 @@ def init_params(model: RAR, rng: jax.Array):
 
 def abstract_params(model: RAR):
     """Unboxed ShapeDtypeStructs of the params, no allocation (for converters and manifests)."""
-    return nn.meta.unbox(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))))
+    from jaxgen.train.restore import abstract_of
+
+    return abstract_of(lambda: init_params(model, jax.random.PRNGKey(0)))
