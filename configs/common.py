@@ -62,10 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_accum = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"  # digits | tfds | imagefolder | cached
+    # The dataset, named once: a tokenizer stage trains on the same one (config.tokenizer.data overrides fields).
+    c.data.source = "digits"  # digits | tfds | imagefolder
     c.data.name = ""  # tfds dataset name
     c.data.split = "train"
-    c.data.data_dir = ""  # tfds data_dir / image-folder root / latent cache dir
+    c.data.data_dir = ""  # tfds data_dir / image-folder root
+    c.data.cache = False  # train on the tokenizer's codes of this dataset, encoded once (--mode=cache, automatic)
+    c.data.cache_dir = ""  # where that cache lives; "" = <workdir>/code_cache
     c.data.image_size = 32
     c.data.channels = 1
     c.data.num_classes = 10
@@ -106,4 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # a tokenizer run's workdir; "" = train one under <workdir>/tokenizer
     c.tokenizer.checkpoint = ""  # or a converted / explicit checkpoint path
+    c.tokenizer.allow_training = True  # False (paper configs): without a checkpoint, stop instead of training one
+    # The tokenizer stage's own values for fields of config.data (e.g. random_flip); the rest come from config.data.
+    c.tokenizer.data = ml_collections.ConfigDict()
     return c

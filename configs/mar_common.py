@@ -1,9 +1,11 @@
 """Shared MAR settings (paper: Li et al. 2024, official LTH14/mar README and main_mar.py) for mar_b / mar_l / mar_h.
 
 `mar_config(size, arg)`: size in SIZES; arg is a comma list of variants:
-  cached  train on cached KL-16 moments (data.source='cached'; `--mode=cache` fills the cache), as the paper did
-  nocfg   sampling without CFG (cfg 1.0, temperature 0.95; paper Table 4 "w/o CFG")
-  folder  read ImageNet from an image folder (config.data.data_dir) instead of TFDS
+  cached          train on cached KL-16 moments (data.cache; `--mode=cache` fills the cache), as the paper did
+  nocfg           sampling without CFG (cfg 1.0, temperature 0.95; paper Table 4 "w/o CFG")
+  folder          read ImageNet from an image folder (config.data.data_dir) instead of TFDS
+  train_tokenizer train the KL-16 tokenizer from scratch when config.tokenizer.checkpoint is not given (by default
+                  these configs stop and say how to convert the official kl16.ckpt: the paper used it)
 """
 from configs.common import base_config, parse_variants
 
@@ -15,7 +17,7 @@ SIZES = {
     "l": dict(dim=1024, depth=16, heads=16, diffloss_d=8, diffloss_w=1280, cfg=3.0),
     "h": dict(dim=1280, depth=20, heads=16, diffloss_d=12, diffloss_w=1536, cfg=3.2),
 }
-VARIANTS = ("cached", "nocfg", "folder")
+VARIANTS = ("cached", "nocfg", "folder", "train_tokenizer")
 
 
 def kl16_tokenizer_config():
@@ -80,11 +82,10 @@ def mar_config(size: str, arg=None):
     o.ema_decay = 0.9999
 
     _imagenet_data(c, folder="folder" in variants)
-    c.tokenizer.config = kl16_tokenizer_config()
-    if "folder" in variants:
-        _imagenet_data(c.tokenizer.config, folder=True)
+    c.tokenizer.config = kl16_tokenizer_config()  # its dataset is config.data (one dataset for both stages)
+    c.tokenizer.allow_training = "train_tokenizer" in variants
     if "cached" in variants:
-        c.data.source = "cached"  # moments of each crop and its flip; the loss samples the posterior
+        c.data.cache = True  # moments of each crop and its flip; the loss samples the posterior
         # random_flip stays on: the cache holds the moments of each crop and its flip, one is picked with p 0.5
 
     sp = c.sample

@@ -55,7 +55,8 @@ def get_config(arg=None):
     # weights (the paper's 0.9999 averages over ~500k steps). Sampling uses the raw params.
     o.ema_decay = 0.0
 
-    c.data.source = "cached"  # MAR's paper setup: moments of each digit and its flip, cached by --mode=cache
+    c.data.source = "digits"
+    c.data.cache = True  # MAR's paper setup: moments of each digit and its flip, cached by --mode=cache
     c.data.image_size = 32
     c.data.channels = 1
     c.data.num_classes = 10

@@ -2,8 +2,10 @@
 configs/var_d{16,20,24,30,36}.py.
 
 `var_config(depth, arg)`: depth in RECIPES; arg is a comma list of variants:
-  no_l2norm  plain scaled attention, for checkpoints without `scale_mul_1H11` (older uploads)
-  folder     read ImageNet from an image folder (config.data.data_dir) instead of TFDS
+  no_l2norm        plain scaled attention, for checkpoints without `scale_mul_1H11` (older uploads)
+  folder           read ImageNet from an image folder (config.data.data_dir) instead of TFDS
+  train_tokenizer  train the VQVAE from scratch when config.tokenizer.checkpoint is not given (by default these
+                   configs stop and say how to convert the official vae_ch160v4096z32.pth: the paper used it)
 
 Model: width 64*depth, depth heads, drop path 0.1*depth/24 (rising linearly over the blocks), cond drop 0.1, AdaLN gamma
 init `alng`; d36 uses shared AdaLN at 512px. Optimizer: AdamW (0.9, 0.95), wd 0.05 (the official no-decay list, see
@@ -27,7 +29,7 @@ RECIPES = {
     30: dict(batch=1024, epochs=350, tblr=8e-5, alng=1e-5, wpe=0.01),
     36: dict(batch=768, epochs=350, tblr=8e-5, alng=5e-6, wpe=0.01, image_size=512, shared_aln=True),
 }
-VARIANTS = ("no_l2norm", "folder")
+VARIANTS = ("no_l2norm", "folder", "train_tokenizer")
 
 
 def _imagenet_data(c, image_size: int, folder: bool):
@@ -86,10 +88,9 @@ def var_config(depth: int, arg=None):
     o.ema_decay = 0.0
 
     _imagenet_data(c, image_size, folder="folder" in variants)
-    c.tokenizer.config = vqvae_config(image_size, patch_nums)
-    if "folder" in variants:
-        _imagenet_data(c.tokenizer.config, image_size, folder=True)
-        c.tokenizer.config.data.random_flip = True
+    c.tokenizer.config = vqvae_config(image_size, patch_nums)  # its dataset is config.data (one for both stages)
+    c.tokenizer.data.random_flip = True  # the tokenizer stage flips (jaxgen's choice), VAR itself does not
+    c.tokenizer.allow_training = "train_tokenizer" in variants
 
     s = c.sample
     s.cfg = 1.5

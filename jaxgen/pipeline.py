@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxgen import families
+from jaxgen import families, preflight
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.train import export, restore
 
@@ -49,16 +49,6 @@ def tokenizer_source(config, workdir: str) -> str:
     return tokenizer_workdir(config, workdir)
 
 
-def ensure_tokenizer(config, family, workdir: str) -> None:
-    """Train the tokenizer when none is given and none is finished yet (resumes a half-trained one)."""
-    if family.tokenizer is None or config.tokenizer.get("checkpoint", ""):
-        return
-    src = tokenizer_source(config, workdir)
-    if restore.export_dir(src) is None:
-        logging.info("stage 1/2: training the %s tokenizer in %s", family.tokenizer.name, src)
-        train(config.tokenizer.config, src)
-
-
 def load_frozen(config, family, workdir: str, mesh) -> dict:
     """frozen['tokenizer'] = the tokenizer's params, replicated on `mesh` ({} for a family without a tokenizer)."""
     if family.tokenizer is None:
@@ -67,15 +57,15 @@ def load_frozen(config, family, workdir: str, mesh) -> dict:
     if restore.export_dir(src) is None and not os.path.isdir(restore.checkpoint_dir(src)):
         raise CheckpointError(f"no trained tokenizer found at {src}; run --mode=train first (it trains one) or set "
                               f"config.tokenizer.checkpoint to a converted tokenizer")
-    tok_cfg = config.tokenizer.config
-    params, _ = restore.load_params(tok_cfg, src, family.tokenizer, mesh, prefer_ema=True)
+    params, _ = restore.load_params(families.tokenizer_run_config(config), src, family.tokenizer, mesh,
+                                    prefer_ema=True)
     return {"tokenizer": restore.replicate(params, mesh)}
 
 
 # ----------------------------------------------------------------------------------------------- cache
 
 def cache_dir(config, workdir: str) -> str:
-    return os.path.abspath(config.data.data_dir) if config.data.get("data_dir") else os.path.join(
+    return os.path.abspath(config.data.cache_dir) if config.data.get("cache_dir") else os.path.join(
         os.path.abspath(workdir), "code_cache")
 
 
@@ -92,7 +82,9 @@ def cache_codes(config, workdir: str, family=None) -> str:
     from jaxgen.parallel import mesh as mesh_lib
     from jaxgen.parallel import sharding as sh
 
-    family = family or families.build(config)
+    if family is None:  # called on its own (--mode=cache), not as a step of a checked train run
+        preflight.check(config, workdir, "cache")
+        family = families.build(config)
     tok = family.tokenizer
     if tok is None:
         raise ConfigError(f"family {config.family} has no tokenizer, so there is nothing to cache; use --mode=train")
@@ -111,7 +103,11 @@ def cache_codes(config, workdir: str, family=None) -> str:
     def encode(p, images):
         return tok.encode(p, images), tok.encode(p, images[:, :, ::-1])
 
-    tok_data = config.tokenizer.config.data
+    from jaxgen.train.logger import Progress
+
+    tok_data = families.tokenizer_run_config(config).data
+    total = len(data_pipeline.build_source(tok_data))
+    shown = Progress(f"cache {tok.name} codes", total)
     writer, count, t0 = None, 0, time.time()
     with jax.set_mesh(mesh):
         for local in data_pipeline.iterate_dataset_once(tok_data, batch_size=batch_size):
@@ -121,13 +117,14 @@ def cache_codes(config, workdir: str, family=None) -> str:
                 {"codes": codes, "flip": codes_flip, "label": batch["label"], "mask": batch["mask"],
                  "index": batch["index"]}, tiled=True)
             if writer is None and jax.process_index() == 0:
-                writer = sources.CodeCacheWriter(out, len(data_pipeline.build_source(tok_data)), specs)
+                writer = sources.CodeCacheWriter(out, total, specs)
             keep = np.asarray(host["mask"], bool)
             if writer is not None:
                 writer.write(np.asarray(host["index"])[keep], {k: np.asarray(v)[keep] for k, v in host["codes"].items()},
                              {k: np.asarray(v)[keep] for k, v in host["flip"].items()},
                              np.asarray(host["label"])[keep])
             count += int(keep.sum())
+            shown.update(count)
     if writer is not None:
         writer.finish({"tokenizer": tok.name, "dataset": tok_data.to_dict()})
     multihost_utils.sync_global_devices("code_cache_written")
@@ -138,8 +135,9 @@ def cache_codes(config, workdir: str, family=None) -> str:
 
 # ----------------------------------------------------------------------------------------------- train
 
-def train(config, workdir: str, callbacks: Sequence[Any] = ()):
-    """Train `config.family` in `workdir` (auto-resume); for a two-stage family, the tokenizer stage first.
+def train(config, workdir: str, callbacks: Sequence[Any] = (), stage: str = ""):
+    """Train `config.family` in `workdir` (auto-resume); for a two-stage family, the tokenizer stage first (unless a
+    finished or converted tokenizer is given). Every stage is checked before the first one starts (`preflight`).
 
     `callbacks`: objects with `on_step(trainer, step)` called after every step (tests use one to slow steps down).
     """
@@ -148,15 +146,18 @@ def train(config, workdir: str, callbacks: Sequence[Any] = ()):
     from jaxgen.train.trainer import Trainer
 
     workdir = os.path.abspath(workdir)
+    stages = preflight.check(config, workdir, "train")
     family = families.build(config)
     save_config(config, workdir)
-    if family.tokenizer is not None:
-        ensure_tokenizer(config, family, workdir)
-        if family.cached:
-            cache_codes(config, workdir, family)
-        logging.info("stage 2/2: training %s in %s", config.family, workdir)
+    n = len(stages)
+    if n > 1:
+        tok = stages[0]
+        train(tok.config, tok.workdir, callbacks, stage=f"stage 1/{n} (tokenizer)")
+    if family.cached:
+        cache_codes(config, workdir, family)
     mesh = mesh_lib.make_mesh(config.mesh)
-    trainer = Trainer(config, workdir, family=family, mesh=mesh, frozen=load_frozen(config, family, workdir, mesh))
+    trainer = Trainer(config, workdir, family=family, mesh=mesh, frozen=load_frozen(config, family, workdir, mesh),
+                      stage=stage or (f"stage {n}/{n}" if n > 1 else ""))
     data_iter = data_pipeline.make_train_iterator(_resolved_data(config, workdir), family.batch_keys,
                                                   config.batch_size, seed=config.seed)
     on_sample = _periodic_sampler(config, workdir, family, trainer) if config.sample_every else None
@@ -168,9 +169,10 @@ def train(config, workdir: str, callbacks: Sequence[Any] = ()):
 
 
 def _resolved_data(config, workdir):
+    """What the generator stage reads: config.data, or with data.cache its code cache."""
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    if data_cfg.source == "cached" and not data_cfg.data_dir:
-        data_cfg.data_dir = cache_dir(config, workdir)
+    if data_cfg.cache:
+        data_cfg.source, data_cfg.data_dir = "cached", cache_dir(config, workdir)
     return data_cfg
 
 
@@ -193,7 +195,7 @@ def _periodic_sampler(config, workdir, family, trainer):
         per_class = max(1, min(config.sample.num_per_class, config.sample.grid_per_class))
         labels = sampling.class_labels(config.data.num_classes, per_class)
         images = sampler.generate(params, trainer.frozen, labels, config.seed + step,
-                                  min(config.sample.batch_size, len(labels)))
+                                  min(config.sample.batch_size, len(labels)), progress=False)
         grid = sampling.class_grid(images, labels, per_class)
         if jax.process_index() == 0:
             save_png(os.path.join(workdir, "samples", f"train_grid_{step:08d}.png"), grid)
@@ -204,10 +206,12 @@ def _periodic_sampler(config, workdir, family, trainer):
 
 # ----------------------------------------------------------------------------------------------- sample / eval
 
-def load_for_sampling(config, workdir: str):
-    """(family, params, frozen, mesh) of a run or of converted weights (`restore.load_params` order)."""
+def load_for_sampling(config, workdir: str, mode: str = "sample"):
+    """(family, params, frozen, mesh) of a run or of converted weights (`restore.load_params` order), after checking
+    the run (`preflight`)."""
     from jaxgen.parallel import mesh as mesh_lib
 
+    preflight.check(config, workdir, mode)
     family = families.build(config)
     family.require_sampler()
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -216,10 +220,10 @@ def load_for_sampling(config, workdir: str):
     return family, params, frozen, mesh
 
 
-def _generate(config, workdir):
+def _generate(config, workdir, mode):
     from jaxgen import sampling
 
-    family, params, frozen, mesh = load_for_sampling(config, workdir)
+    family, params, frozen, mesh = load_for_sampling(config, workdir, mode)
     labels = sampling.class_labels(config.data.num_classes, config.sample.num_per_class)
     images = sampling.Sampler(family, mesh, config.mesh.rules).generate(params, frozen, labels, config.seed,
                                                                          config.sample.batch_size)
@@ -228,28 +232,17 @@ def _generate(config, workdir):
 
 
 def sample(config, workdir: str) -> str:
-    images, labels = _generate(config, workdir)
+    images, labels = _generate(config, workdir, "sample")
     out = os.path.join(workdir, "samples")
     logging.info("wrote %s/samples.npz and grid.png", out)
     return out
-
-
-def _trained_on_digits(config) -> bool:
-    if config.data.source == "digits":
-        return True
-    tok = config.get("tokenizer")
-    return config.data.source == "cached" and tok is not None and tok.get("config") is not None \
-        and tok.config.data.source == "digits"
 
 
 def evaluate(config, workdir: str) -> dict:
     """Digit metric of fresh samples: class_consistency and digit_fd (with the real-vs-real value for scale)."""
     from jaxgen.eval.digit_metric import DigitMetric
 
-    if not _trained_on_digits(config):
-        raise ConfigError("--mode=eval computes the embedded digit metric, which needs a model trained on the bundled "
-                          "digits (data.source='digits'); ImageNet FID needs Inception weights (not bundled)")
-    images, labels = _generate(config, workdir)
+    images, labels = _generate(config, workdir, "eval")
     result = DigitMetric.load_or_train().evaluate(images, labels)
     result = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}
     if jax.process_index() == 0:

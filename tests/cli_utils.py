@@ -59,3 +59,13 @@ def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
 
 def error_lines(stderr: str) -> List[str]:
     return [l for l in stderr.splitlines() if l.startswith("jaxgen: error:")]
+
+
+def assert_one_line_error(proc, *needles) -> str:
+    """Bad input: a non-zero exit and exactly one line on stderr, `jaxgen: error: ...`, and nothing else printed."""
+    assert proc.returncode not in (0, None), tail(proc)
+    printed = [l for l in (proc.stderr + (proc.stdout or "")).splitlines() if l.strip()]
+    assert len(printed) == 1 and printed[0].startswith("jaxgen: error:"), tail(proc)
+    for n in needles:
+        assert n.lower() in printed[0].lower(), printed[0]
+    return printed[0]

@@ -51,9 +51,16 @@ def test_config_builds_its_family(spec):
     configs = [config.to_dict()]
     if config.get("tokenizer") is not None and config.tokenizer.get("config") is not None:
         configs.append(config.tokenizer.config.to_dict())  # the tokenizer stage is a run config of its own
+    if config.get("tokenizer") is not None and config.tokenizer.get("config") is not None:
+        tok = families.tokenizer_run_config(config)  # the dataset named once: the tokenizer stage reads config.data
+        for field in families.DATASET_FIELDS:
+            want = config.tokenizer.data.get(field, config.data[field])
+            assert tok.data[field] == want, (spec, field)
     for cfg in configs:
         cfg.get("tokenizer", {}).pop("config", None)
-        extra = [k for k in _leaves(cfg) if k not in generic and k.split(".")[0] not in STRICT_SECTIONS]
+        # tokenizer.data holds data fields (tokenizer_run_config rejects any other key)
+        extra = [k for k in _leaves(cfg) if k not in generic and k.split(".")[0] not in STRICT_SECTIONS
+                 and not (k.startswith("tokenizer.data.") and f"data.{k.split('.')[-1]}" in generic)]
         assert not extra, f"{spec}: keys outside base_config and the strict sections: {extra}"
 
 

@@ -18,7 +18,24 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mar_tiny")
     proc = run_main([CONFIG, f"--workdir={workdir}"])
     assert proc.returncode == 0, tail(proc)
+    (workdir / "console.txt").write_text(proc.stderr)
     return workdir
+
+
+def test_console_is_compact_and_the_tables_go_to_the_workdir(trained):
+    console = (trained / "console.txt").read_text()
+    lines = console.splitlines()
+    header1 = next(l for l in lines if "[stage 1/2 (tokenizer)] kl_vae: " in l)
+    header2 = next(l for l in lines if "[stage 2/2] mar: " in l)
+    for header in (header1, header2):
+        assert "params | mesh data=1 x fsdp=1 x tensor=1 (1 devices, 1 processes) | batch 16 (16 per device)" in header
+        assert "float32 compute" in header
+    assert not [l for l in lines if l.lstrip().startswith("|")], "a parameter table was printed to the console"
+    assert len(lines) < 60, console
+    for w in (trained, trained / "tokenizer"):
+        assert "Total" in (w / "parameters.txt").read_text() and "-> P(" in (w / "sharding.txt").read_text()
+    assert any("[cache kl_vae codes] 4500/4500 images (100%)" in l for l in lines)
+    assert any("[mar] step 10/10 (100%)" in l and "ETA" in l for l in lines)
 
 
 def test_train_writes_every_stage(trained):
@@ -43,6 +60,7 @@ def test_train_writes_every_stage(trained):
 def test_sample_and_eval_modes(trained):
     proc = run_main([CONFIG, f"--workdir={trained}", "--mode=sample"])
     assert proc.returncode == 0, tail(proc)
+    assert "[sample] 20/20 images (100%)" in proc.stderr
     with np.load(trained / "samples" / "samples.npz") as z:
         images, labels = z["images"], z["labels"]
     assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 1)

@@ -16,7 +16,7 @@ from jaxgen.sampling.guidance import mar_scales as cfg_scales
 from jaxgen.sampling.schedules import mar_mask_schedule
 
 
-def tiny_config(source="cached"):
+def tiny_config(cache=True):
     c = base_config()
     c.family = "mar"
     m = c.model
@@ -26,7 +26,7 @@ def tiny_config(source="cached"):
     m.encoder_num_heads = m.decoder_num_heads = 2
     m.mlp_ratio, m.class_num, m.buffer_size = 2.0, 10, 2
     m.diffloss_d, m.diffloss_w, m.diffusion_batch_mul = 1, 32, 2
-    c.data.source = source
+    c.data.cache = cache
     c.data.image_size, c.data.channels = 16, 1
     tok = kl_vae_tiny.get_config()  # stride 4, 4 latent channels: 16x16 digits -> 4x4x4 latents
     tok.data.image_size, tok.model.resolution = 16, 16
@@ -67,7 +67,7 @@ def test_dummy_batch_and_keys(family):
     shapes = family.dummy_batch(5)
     assert family.batch_keys == ("moments", "label")
     assert shapes["moments"].shape == (5, 4, 4, 8) and shapes["label"].shape == (5,)
-    img = MARFamily(tiny_config(source="digits"))
+    img = MARFamily(tiny_config(cache=False))
     assert img.batch_keys == ("image", "label")
     assert img.dummy_batch(2)["image"].shape == (2, 16, 16, 1)
 

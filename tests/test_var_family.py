@@ -78,9 +78,9 @@ def test_teacher_forcing_targets_come_from_the_tokenizer(family, frozen, batch):
 
 
 def test_cached_indices_give_the_same_loss(frozen, batch):
-    """data.source='cached': batches carry the tokenizer's indices (--mode=cache), the loss is the same."""
+    """data.cache: batches carry the tokenizer's indices (--mode=cache), the loss is the same."""
     cached_cfg = tiny_var_config()
-    cached_cfg.data.source = "cached"
+    cached_cfg.data.cache = True
     cached = VARFamily(cached_cfg)
     assert cached.batch_keys == ("indices", "label")
     assert cached.dummy_batch(4)["indices"].shape == (4, 14)

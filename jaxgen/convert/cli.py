@@ -21,10 +21,11 @@ import numpy as np
 from jaxgen import config as config_lib
 from jaxgen.errors import UserError
 
-# family -> (converter "module:function", which checkpoint entries hold weights (tried in order), ema entry)
+# family -> (converter "module:function", which checkpoint entries hold weights (tried in order; None = the file is
+# the state dict itself), ema entry)
 CONVERTERS = {
-    "mar": ("jaxgen.convert.mar:convert_mar", ("model",), "model_ema"),
-    "kl_vae": ("jaxgen.convert.kl_vae:convert_kl_vae", ("model", "state_dict"), None),
+    "mar": ("jaxgen.convert.mar:convert_mar", ("model", None), "model_ema"),
+    "kl_vae": ("jaxgen.convert.kl_vae:convert_kl_vae", ("model", "state_dict", None), None),
     "var": ("jaxgen.convert.var:convert_var", (None,), None),
     "msvq": ("jaxgen.convert.var:convert_vqvae", (None,), None),
 }
@@ -77,9 +78,14 @@ def convert(family: str, config, input_path: str, output_dir: str, select: Optio
     if not os.path.exists(input_path):
         raise UserError(f"input file {input_path} does not exist; pass the official checkpoint path with --input")
     fn, selects, ema_key = _converter(family)
+    fam = families.build(config)  # the config is checked before the (possibly large) file is read
     sd, ema_sd = _read_state_dicts(input_path, selects, ema_key, select)
-    params = fn(sd, config)
-    fam = families.build(config)
+    try:
+        params = fn(sd, config)
+    except (ValueError, KeyError) as e:
+        msg = " ".join(str(e).split())
+        raise UserError(f"{input_path} does not fit --family={family} with --config: {msg[:400]}; is it a {family} "
+                        f"checkpoint, and the config the model it was trained with?") from None
     reference = restore.abstract_params(fam)
     try:
         check_tree_shapes(params, reference, what=f"converted {family} weights")
@@ -94,8 +100,8 @@ def convert(family: str, config, input_path: str, output_dir: str, select: Optio
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jaxgen.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineErrors(prog="python -m jaxgen.convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", required=True, choices=sorted(CONVERTERS))
     parser.add_argument("--config", required=True, help="config file of the model, e.g. configs/mar_l.py")
     parser.add_argument("--input", required=True, help=".pth / .ckpt / .npz / .safetensors")
@@ -106,9 +112,15 @@ def main(argv=None):
     try:
         convert(args.family, config_lib.load(args.config), args.input, args.output, args.select)
     except UserError as e:
-        sys.stderr.write(f"jaxgen.convert: error: {' '.join(str(e).split())}\n")
+        sys.stderr.write(f"jaxgen: error: {' '.join(str(e).split())}\n")
         return 2
     return 0
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"jaxgen: error: {message} (see python -m jaxgen.convert --help)\n")
+        sys.exit(2)
 
 
 def entry():

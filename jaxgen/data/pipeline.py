@@ -48,7 +48,7 @@ def _provided_keys(source) -> Tuple[str, ...]:
     return tuple(source.keys) + ("label",) if isinstance(source, S.CachedCodesSource) else _IMAGE_KEYS
 
 
-def _check_source(data_cfg, source, batch_keys: Sequence[str]) -> None:
+def check_source(data_cfg, source, batch_keys: Sequence[str]) -> None:
     """Fail early, with the fix, when the source cannot give what the model asks for."""
     provided = _provided_keys(source)
     missing = [k for k in batch_keys if k not in provided]
@@ -56,7 +56,7 @@ def _check_source(data_cfg, source, batch_keys: Sequence[str]) -> None:
         if "image" in missing:
             fix = "use an image source (data.source=digits, imagefolder or tfds)"
         else:
-            fix = ("set data.data_dir to a cache of this tokenizer written by --mode=cache (or clear it: the run "
+            fix = ("set data.cache_dir to a cache of this tokenizer written by --mode=cache (or clear it: the run "
                    "then writes one under its workdir)")
         raise DataError(f"the model needs batch key(s) {missing} but data.source={data_cfg.source!r} gives"
                         f" {list(provided)}: {fix}")
@@ -188,7 +188,7 @@ def make_train_iterator(data_cfg, batch_keys: Sequence[str], global_batch_size: 
                         f" set batch_size to a multiple of {pc}")
     local_batch = global_batch_size // pc
     source = build_source(data_cfg)
-    _check_source(data_cfg, source, batch_keys)
+    check_source(data_cfg, source, batch_keys)
     workers = int(data_cfg.get("num_workers", 0) if num_workers is None else num_workers)
 
     ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat()  # reshuffled every epoch

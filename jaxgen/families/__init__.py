@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Optional, Tuple, Type
 
+import ml_collections
+
 from jaxgen.errors import ConfigError
 from jaxgen.families.base import Family, Tokenizer
 
@@ -45,13 +47,36 @@ def build(config) -> Family:
     return get_class(config.family)(config)
 
 
+# The dataset's identity: a tokenizer stage trains on the generator's dataset (config.data names it once).
+DATASET_FIELDS = ("source", "name", "data_dir", "split", "image_size", "channels", "num_classes", "random_flip")
+
+
+def tokenizer_run_config(config) -> Optional[ml_collections.ConfigDict]:
+    """The run config of a generator's tokenizer stage: config.tokenizer.config with the dataset fields of config.data,
+    then the tokenizer stage's own values from config.tokenizer.data. None when the run has no tokenizer."""
+    tok = config.get("tokenizer")
+    if tok is None or tok.get("config") is None:
+        return None
+    resolved = ml_collections.ConfigDict(tok.config.to_dict())
+    for field in DATASET_FIELDS:
+        resolved.data[field] = config.data[field]
+    for key, value in dict(tok.get("data") or {}).items():
+        if key not in resolved.data:
+            raise ConfigError(f"config.tokenizer.data.{key} is not a data field; use one of "
+                              f"{', '.join(sorted(resolved.data))}")
+        resolved.data[key] = value
+    resolved.data.cache = False  # a tokenizer trains on images
+    resolved.lock()
+    return resolved
+
+
 def build_tokenizer(config) -> Optional[Tokenizer]:
-    """The tokenizer of a run: config.tokenizer.config (a tokenizer family's run config), checked against what the
-    generator accepts. None when config.family needs no tokenizer."""
+    """The tokenizer of a run (`tokenizer_run_config`), checked against what the generator accepts. None when
+    config.family needs no tokenizer."""
     accepted = get_class(config.family).tokenizer_families
     if not accepted:
         return None
-    tok_cfg = config.tokenizer.get("config") if config.get("tokenizer") is not None else None
+    tok_cfg = tokenizer_run_config(config)
     if tok_cfg is None:
         raise ConfigError(f"family {config.family!r} runs on a tokenizer ({' or '.join(accepted)}): set "
                           f"config.tokenizer.config to its run config (see configs/)")

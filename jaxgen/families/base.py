@@ -8,8 +8,7 @@ A family is a small object built from the full run config. The trainer only ever
     images = fam.sample(params, frozen, labels, rng)           # inside jit; float32 NHWC in [-1, 1]
     mask = fam.weight_decay_mask(params)                       # pytree of bools, True = decay
 
-`batch` is a dict of arrays whose keys are `batch_keys` (images, or with data.source='cached' the tokenizer's
-`cache_keys`); `frozen` is a pytree of non-trained arrays (a generator's tokenizer params in frozen['tokenizer']).
+`batch` is a dict of arrays whose keys are `batch_keys` (images, or with data.cache the tokenizer's `cache_keys`); `frozen` is a pytree of non-trained arrays (a generator's tokenizer params in frozen['tokenizer']).
 Shapes are static: every method must trace once per batch size.
 
 Configuration is strict: `config.model` builds the family's module (`jaxgen.strict.build`), `config.loss` and the
@@ -64,14 +63,14 @@ class Family(abc.ABC):
     @property
     def cached(self) -> bool:
         """Batches hold the tokenizer's cached codes (`--mode=cache`) instead of images."""
-        return self.config.data.get("source", "") == "cached"
+        return bool(self.config.data.get("cache", False))
 
     @property
     def batch_keys(self) -> Tuple[str, ...]:
         if self.cached:
             if self.tokenizer is None:
-                raise ConfigError(f"data.source='cached' needs a tokenizer, and family {self.name!r} has none; "
-                                  "use an image source (digits, imagefolder, tfds)")
+                raise ConfigError(f"data.cache=True needs a tokenizer, and family {self.name!r} has none; "
+                                  "set --config.data.cache=False")
             return tuple(self.tokenizer.cache_keys) + ("label",)
         return ("image", "label")
 
@@ -144,10 +143,12 @@ class Tokenizer(Family):
         tok.code_shapes()                       # per-example ShapeDtypeStruct of each cache key
 
     `--mode=cache` stores encode(image) and encode(flipped image) under each key (and key + '_flip'); generators
-    with data.source='cached' train on them.
+    with data.cache train on them.
     """
 
     cache_keys: Tuple[str, ...] = ()
+    # (file name, tokenizer config) of the released weights the papers used, for the "convert it" hint
+    official_weights: Optional[Tuple[str, str]] = None
 
     @abc.abstractmethod
     def encode(self, params: Params, images: jax.Array) -> Dict[str, jax.Array]:

@@ -41,6 +41,7 @@ class KLVAEFamily(Tokenizer):
     name = "kl_vae"
     LossSettings = KLVAELoss
     cache_keys = ("moments",)
+    official_weights = ("kl16.ckpt", "configs/kl16.py")
 
     def __init__(self, config):
         super().__init__(config)

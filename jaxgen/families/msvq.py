@@ -60,6 +60,7 @@ class MSVQFamily(Tokenizer):
     name = "msvq"
     LossSettings = MSVQLoss
     cache_keys = ("indices",)
+    official_weights = ("vae_ch160v4096z32.pth", "configs/vqvae_256.py")
 
     def __init__(self, config):
         super().__init__(config)

@@ -48,14 +48,16 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:
     return tuple(shape)
 
 
-def make_mesh(mesh_cfg) -> Mesh:
+def make_mesh(mesh_cfg, log: bool = True) -> Mesh:
     axes = tuple(mesh_cfg.axes)
     shape = mesh_shape(mesh_cfg.shape, jax.device_count())
     if len(shape) != len(axes):
         raise ConfigError(f"mesh.shape {shape} and mesh.axes {axes} differ in length; give one size per axis name")
     # Auto axes: classic sharding propagation + with_sharding_constraint (logical rules drive the layout).
     mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes))
-    logging.info("mesh %s over %d devices (%d processes)", dict(zip(axes, shape)), jax.device_count(), jax.process_count())
+    if log:
+        logging.debug("mesh %s over %d devices (%d processes)", dict(zip(axes, shape)), jax.device_count(),
+                      jax.process_count())
     return mesh
 
 

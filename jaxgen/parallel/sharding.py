@@ -95,10 +95,14 @@ def sharding_table(params: Any, shardings: Any) -> str:
     return "\n".join(rows)
 
 
-def log_param_shardings(params: Any, shardings: Any) -> None:
-    """The sharding table at the start of a run: the sharded arrays (the rest are replicated)."""
+def log_param_shardings(params: Any, shardings: Any, table_path: str = "") -> None:
+    """At the start of a run: how many parameter arrays are sharded (one line); the sharded ones at DEBUG, the full
+    table in `table_path` (see `sharding_table`)."""
     leaves = list(zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(shardings)))
     rows = [f"  {jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {sh.spec}" for (path, leaf), sh in leaves
             if any(s is not None for s in sh.spec)]
     logging.info("sharding: %d of %d parameter arrays sharded over mesh %s%s", len(rows), len(leaves),
-                 dict(next(iter(leaves))[1].mesh.shape) if leaves else {}, ("\n" + "\n".join(rows)) if rows else "")
+                 dict(next(iter(leaves))[1].mesh.shape) if leaves else {},
+                 f" (table: {table_path})" if table_path else "")
+    if rows:
+        logging.debug("sharded parameter arrays:\n%s", "\n".join(rows))

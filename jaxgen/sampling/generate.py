@@ -44,9 +44,12 @@ class Sampler:
         return self._compiled[batch_size]
 
     def generate(self, params: Any, frozen: Any, labels: np.ndarray, seed: int, batch_size: int,
-                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """All `labels` in fixed-size chunks (the last one padded); uint8 NHWC on the host. `progress(done, total)`
-        is called after each chunk."""
+                 progress: bool = True) -> np.ndarray:
+        """All `labels` in fixed-size chunks (the last one padded); uint8 NHWC on the host; progress with images/s
+        and ETA after each chunk."""
+        from jaxgen.train.logger import Progress
+
+        shown = Progress("sample", len(labels)) if progress else None
         dp = self.data_parallel
         batch_size = max(dp, (int(batch_size) // dp) * dp)
         out = []
@@ -61,8 +64,8 @@ class Sampler:
                 images = fn(params, frozen, glabels, jax.random.fold_in(jax.random.PRNGKey(seed), i // batch_size))
                 images = multihost_utils.process_allgather(images, tiled=True)
                 out.append(to_uint8(np.asarray(images, np.float32))[:n])
-                if progress is not None:
-                    progress(i + n, len(labels))
+                if shown is not None:
+                    shown.update(i + n)
         seconds = max(time.time() - t0, 1e-9)
         logging.info("sampled %d images in %.1fs (%.2f images/s, batch %d)", len(labels), seconds,
                      len(labels) / seconds, batch_size)

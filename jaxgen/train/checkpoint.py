@@ -48,7 +48,21 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if meta is not None:
             items["meta"] = ocp.args.JsonSave(meta)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - a full disk / lost mount: one line; the last good one is kept
+            raise self._save_error(step, e) from None
+
+    def _save_error(self, step: Optional[int], e: BaseException) -> CheckpointError:
+        while e.__cause__ is not None or e.__context__ is not None:  # orbax wraps the OSError
+            e = e.__cause__ or e.__context__
+        what = f"step {step}" if step is not None else "a pending checkpoint"
+        good = self.latest_step()
+        kept = f"the last complete checkpoint (step {good}) is intact" if good is not None else \
+            "no complete checkpoint exists yet"
+        msg = " ".join(str(e).split()) or type(e).__name__
+        return CheckpointError(f"saving {what} in {self.directory} failed ({msg[:200]}); {kept}; free disk space "
+                               f"(or fix the path) and re-run the same command to resume")
 
     def restore(self, step: int, abstract_state: Any, data_iter=None) -> dict:
         """Restore into `abstract_state` (jax.ShapeDtypeStruct leaves with shardings). Returns dict(state, meta)."""
@@ -73,10 +87,13 @@ class Checkpointer:
         return self.restore(step, abstract_state)["state"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - an async save that failed in the background
+            raise self._save_error(None, e) from None
 
     def close(self):
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

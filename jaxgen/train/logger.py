@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -20,6 +21,40 @@ def _fmt_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def show_progress(line: str) -> None:
+    """Progress: rewrites one line in place on a terminal; a log line each time otherwise (files, CI, pipes)."""
+    if not is_host0():
+        return
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K" + line)
+        sys.stderr.flush()
+    else:
+        logging.info("%s", line)
+
+
+def end_progress() -> None:
+    if is_host0() and sys.stderr.isatty():
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class Progress:
+    """Items done of a total, with rate and ETA (`show_progress`), for sampling and caching."""
+
+    def __init__(self, what: str, total: int, unit: str = "images"):
+        self.what, self.total, self.unit = what, int(total), unit
+        self.t0 = time.time()
+
+    def update(self, done: int) -> None:
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        show_progress(f"[{self.what}] {done}/{self.total} {self.unit} ({100.0 * done / max(self.total, 1):.0f}%) | "
+                      f"{rate:.2f} {self.unit}/s | ETA {_fmt_eta(eta) if np.isfinite(eta) else '?'}")
+        if done >= self.total:
+            end_progress()
 
 
 class RunLogger:
@@ -62,9 +97,8 @@ class RunLogger:
                     self._tb.add_scalar(f"{self.name}/{k}", v, step)
         eta = (self.total_steps - step) / overall if overall > 0 else float("nan")
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "grad_norm", "mask_ratio"))
-        logging.info("[%s] step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s", self.name, step, self.total_steps,
-                     100.0 * step / max(self.total_steps, 1), shown, rate,
-                     _fmt_eta(eta) if np.isfinite(eta) else "?")
+        show_progress(f"[{self.name}] step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.0f}%) "
+                      f"{shown} | {rate:.2f} steps/s | ETA {_fmt_eta(eta) if np.isfinite(eta) else '?'}")
 
     def image(self, tag: str, step: int, grid_uint8: np.ndarray):
         if self.enabled and self._tb is not None:
@@ -75,6 +109,7 @@ class RunLogger:
             self._tb.add_text(tag, text, 0)
 
     def close(self):
+        end_progress()
         if self.enabled:
             self._jsonl.close()
             if self._tb is not None:

@@ -61,28 +61,32 @@ class _SignalFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def validate_batch(config, mesh, rules) -> int:
+def validate_batch(config, mesh, rules, where: str = "config") -> int:
+    """The global batch splits over the data-parallel mesh axes, the processes and the accumulation steps.
+    `where`: the config path of this stage in the run (config, or config.tokenizer.config for a tokenizer stage)."""
     dp = mesh_lib.data_parallel_size(mesh, rules)
+    key = f"--{where}.batch_size"
     if config.batch_size % dp:
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {dp} "
-                          f"(mesh {dict(mesh.shape)}); set --config.batch_size to a multiple of {dp}")
+        raise ConfigError(f"{where}.batch_size {config.batch_size} is not divisible by the data-parallel size {dp} "
+                          f"(mesh {dict(mesh.shape)}); set {key} to a multiple of {dp}")
     if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes; "
-                          f"use a multiple of {jax.process_count()}")
+        raise ConfigError(f"{where}.batch_size {config.batch_size} is not divisible by the {jax.process_count()} "
+                          f"processes; set {key} to a multiple of {jax.process_count()}")
     accum = int(config.optim.get("grad_accum", 1))
     if accum < 1 or config.batch_size % (accum * dp):
-        raise ConfigError(f"batch_size {config.batch_size} must be divisible by optim.grad_accum x data-parallel size "
-                          f"({accum} x {dp}); change one of them")
+        raise ConfigError(f"{where}.batch_size {config.batch_size} must be divisible by {where}.optim.grad_accum x "
+                          f"data-parallel size ({accum} x {dp}); change one of them")
     return dp
 
 
 class Trainer:
     """Holds what a run needs; `run()` trains from scratch or resumes from the workdir."""
 
-    def __init__(self, config, workdir: str, family=None, mesh=None, frozen: Any = None):
+    def __init__(self, config, workdir: str, family=None, mesh=None, frozen: Any = None, stage: str = ""):
         """`frozen`: arrays the family needs but does not train (a generator's {'tokenizer': params}), replicated."""
         self.config = config
         self.workdir = os.path.abspath(workdir)
+        self.stage = stage  # e.g. "stage 1/2 (tokenizer)", shown in the header
         self.family = family or families.build(config)
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
         self.rules = sh.rules_tuple(config.mesh.rules)
@@ -136,12 +140,8 @@ class Trainer:
             start = 0
             self.maybe_init_from()
         logger = RunLogger(self.workdir, config.total_steps, name=config.family)
-        if start == 0 and logger.enabled:
-            n = count_params(self.state.params)
-            logging.info("%s: %s parameters\n%s", config.family, f"{n:,}", parameter_overview(self.state.params))
-            logger.text("config", "```\n" + str(config) + "\n```")
         if logger.enabled:
-            sh.log_param_shardings(self.state.params, self.state_shardings.params)
+            self._write_header(logger, start)
         with self.mesh_context():
             step_fn = self._compile_step()
         meta = {"family": config.family}
@@ -184,6 +184,27 @@ class Trainer:
             logger.close()  # also when a NaN halt raises: metrics.jsonl and TensorBoard get flushed
         return TrainResult(self.state, step, stopped)
 
+    def _write_header(self, logger, start: int) -> None:
+        """One compact line on the console; the full parameter and sharding tables in the workdir and TensorBoard."""
+        config = self.config
+        n = count_params(self.state.params)
+        dp = mesh_lib.data_parallel_size(self.mesh, self.rules)
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        logging.info("%s%s: %s params | mesh %s (%d devices, %d processes) | batch %d (%d per device) | %s compute, "
+                     "%s params | %s%s", f"[{self.stage}] " if self.stage else "", config.family, _human(n), mesh,
+                     jax.device_count(), jax.process_count(), config.batch_size, config.batch_size // dp,
+                     config.compute_dtype, config.param_dtype, self.workdir,
+                     f" | resuming at step {start}" if start else "")
+        tables = {"parameters": parameter_overview(self.state.params),
+                  "sharding": sh.sharding_table(self.state.params, self.state_shardings.params)}
+        for name, text in tables.items():
+            with open(os.path.join(self.workdir, f"{name}.txt"), "w") as f:
+                f.write(text + "\n")
+            logger.text(name, "```\n" + text + "\n```")
+        logger.text("config", "```\n" + str(config) + "\n```")
+        sh.log_param_shardings(self.state.params, self.state_shardings.params,
+                               os.path.join(self.workdir, "sharding.txt"))
+
     def _check_finite(self, last_good: Optional[int]):
         bad = int(jax.device_get(self.state.nonfinite_step))
         if bad >= 0:
@@ -195,6 +216,13 @@ class Trainer:
 
     def close(self):
         self.checkpointer.close()
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def _preemption_reached(step: int) -> bool:

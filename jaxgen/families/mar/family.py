@@ -4,8 +4,8 @@ Config read:
   config.model              the MAR module's fields (jaxgen.families.mar.model.MAR), built strictly; includes the
                             official constructor's mask_ratio_min and diffusion_batch_mul
   config.sample             num_iter, cfg, cfg_schedule, temperature, num_sampling_steps (`MARSample`)
-  config.data.source        'cached' -> batches hold the tokenizer's moments (B, h, w, 2z) from --mode=cache;
-                            anything else -> batches hold images and the tokenizer encodes inside the loss
+  config.data.cache         True -> batches hold the tokenizer's moments (B, h, w, 2z) from --mode=cache;
+                            False -> batches hold images and the tokenizer encodes inside the loss
   config.tokenizer.config   the KL-VAE tokenizer's run config; its `scale_factor` scales the latents
 The tokenizer's params are never owned by this family: the pipeline puts them in `frozen['tokenizer']`.
 """

@@ -15,7 +15,7 @@ Config fields read:
                              inside the loss, which the trainer does not pass: run the stages as successive runs
                              (config.init_from = the previous stage's workdir) instead.
   config.tokenizer.config    the msvq tokenizer's run config (what the pipeline trains / loads); its params arrive in
-                             frozen['tokenizer']; with data.source='cached' batches hold its cached 'indices'
+                             frozen['tokenizer']; with data.cache batches hold its cached 'indices'
 
   config.sample              cfg, top_k, top_p, more_smooth (official FID settings: 1.5, 900, 0.96, False)
 
