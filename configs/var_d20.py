@@ -1,5 +1,5 @@
 """VAR-d20 with the official recipe (see configs/var_common.py).
-Variants: configs/var_d20.py:no_l2norm,folder."""
+Variants (comma separated): no_l2norm, folder, train_tokenizer (see configs/var_common.py)."""
 from configs.var_common import VARIANTS, var_config  # noqa: F401  (VARIANTS: what get_config accepts)
 
 

@@ -68,7 +68,8 @@ def test_paper_var_config_wants_the_official_vqvae(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "broken_file", "unknown_variant", "wrong_type", "unknown_mode",
-                                  "no_workdir", "unwritable_workdir", "bad_value", "mesh_product"])
+                                  "no_workdir", "unwritable_workdir", "bad_value", "mesh_product",
+                                  "missing_tokenizer_checkpoint"])
 def test_bad_input_is_one_line(tmp_path, case):
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(:\n")
@@ -84,6 +85,8 @@ def test_bad_input_is_one_line(tmp_path, case):
         "unwritable_workdir": ([*MAR_TINY, f"--workdir={tmp_path / 'a_file' / 'w'}"], ["not writable"]),
         "bad_value": ([*MAR_TINY, w, "--config.optim.schedule=cosin"], ["optim.schedule", "cosin"]),
         "mesh_product": ([*MAR_TINY, w, "--config.mesh.shape=(2,1,1)"], ["mesh.shape", "1 are present"]),
+        "missing_tokenizer_checkpoint": ([*MAR_TINY, w, f"--config.tokenizer.checkpoint={tmp_path / 'kl16'}"],
+                                         ["tokenizer checkpoint", "does not exist", "python -m jaxgen.convert"]),
     }[case]
     assert_one_line_error(run_main(args), *needles)
 

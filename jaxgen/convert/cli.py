@@ -28,6 +28,8 @@ CONVERTERS = {
     "kl_vae": ("jaxgen.convert.kl_vae:convert_kl_vae", ("model", "state_dict", None), None),
     "var": ("jaxgen.convert.var:convert_var", (None,), None),
     "msvq": ("jaxgen.convert.var:convert_vqvae", (None,), None),
+    "rar": ("jaxgen.convert.rar:convert_rar", (None, "model"), None),
+    "maskgit_vqgan": ("jaxgen.convert.maskgit_vqgan:convert_maskgit_vqgan", (None, "model"), None),
 }
 
 

@@ -75,7 +75,9 @@ def _model(config: ConfigLike) -> MaskGITVQGAN:
         return MaskGITVQGAN()
     if isinstance(config, MaskGITVQGAN):
         return config
-    return maskgit_vqgan_from_config(config)
+    if hasattr(config, "get") and config.get("model") is not None:  # a run config: its model section
+        config = config.get("model")
+    return maskgit_vqgan_from_config(dict(config))
 
 
 # ----------------------------------------------------------------------------- key table

@@ -20,6 +20,8 @@ _REGISTRY: Dict[str, Tuple[str, str]] = {
     "kl_vae": ("jaxgen.families.kl_vae:KLVAEFamily", "kl_vae_tiny"),
     "var": ("jaxgen.families.var.family:VARFamily", "var_tiny:runlocal"),
     "msvq": ("jaxgen.families.msvq:MSVQFamily", "msvq_tiny"),
+    "rar": ("jaxgen.families.rar.family:RARFamily", "rar_tiny:runlocal"),
+    "maskgit_vqgan": ("jaxgen.families.maskgit_vqgan:MaskGITVQGANFamily", "maskgit_vqgan_tiny"),
 }
 
 

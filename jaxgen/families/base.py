@@ -104,6 +104,13 @@ class Family(abc.ABC):
     def loss(self, params: Params, batch: Batch, rng: jax.Array, frozen: Any) -> Tuple[jax.Array, Metrics]:
         """Scalar training loss and scalar metrics. Training mode (dropout etc. on)."""
 
+    def loss_at_step(self, params: Params, batch: Batch, rng: jax.Array, frozen: Any,
+                     step: jax.Array) -> Tuple[jax.Array, Metrics]:
+        """The loss the trainer calls, at update `step` (traced int). A family whose loss follows a schedule (RAR's
+        random-order annealing) overrides this; by default the loss does not depend on the step."""
+        del step
+        return self.loss(params, batch, rng, frozen)
+
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
         """Class-conditional samples as float32 NHWC images in [-1, 1] (settings from config.sample)."""
         raise self._no_sampler_error()

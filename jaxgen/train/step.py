@@ -12,24 +12,25 @@ from jaxgen.train.state import TrainState
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     ema_decay: float, grad_accum: int = 1) -> Callable:
-    """loss_fn(params, batch, rng, frozen) -> (loss, metrics). Returns step(state, batch, frozen) -> (state, metrics)."""
+    """loss_fn(params, batch, rng, frozen, step) -> (loss, metrics) (`Family.loss_at_step`; step is the traced index
+    of the update). Returns step(state, batch, frozen) -> (state, metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def compute_grads(params, batch, rng, frozen):
+    def compute_grads(params, batch, rng, frozen, step):
         if grad_accum == 1:
-            (loss, metrics), grads = grad_fn(params, batch, rng, frozen)
+            (loss, metrics), grads = grad_fn(params, batch, rng, frozen, step)
             return loss, metrics, grads
         # Micro-batches along the leading axis: sum grads in f32 over a scan, then average (one optimizer update).
         micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
         def body(carry, inputs):
             i, mb = inputs
-            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
+            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen, step)
             acc = jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads))
             return acc, None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(
-            lambda x: x[0], micro), rng, frozen)))
+            lambda x: x[0], micro), rng, frozen, step)))
         init = (zeros[0][0], zeros[0][1], zeros[1])
         (loss, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
         scale = 1.0 / grad_accum
@@ -37,7 +38,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
     def step(state: TrainState, batch: Dict[str, jax.Array], frozen: Any):
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, metrics, grads = compute_grads(state.params, batch, rng, frozen)
+        loss, metrics, grads = compute_grads(state.params, batch, rng, frozen, state.step)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # One scalar test: the global norm is non-finite iff some gradient is (or so large its square overflows, which

@@ -109,7 +109,7 @@ class Trainer:
         return stack
 
     def _compile_step(self):
-        step = make_train_step(self.family.loss, self.tx, self.schedule, float(self.config.optim.ema_decay),
+        step = make_train_step(self.family.loss_at_step, self.tx, self.schedule, float(self.config.optim.ema_decay),
                                int(self.config.optim.get("grad_accum", 1)))
         batch_shardings = {k: sh.batch_sharding(self.mesh, self.rules, len(s.shape))
                            for k, s in self.family.dummy_batch(self.config.batch_size).items()}

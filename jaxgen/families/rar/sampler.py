@@ -1,0 +1,52 @@
+"""RAR's raster-order sampler (official `RAR.generate` with kv_cache=True): one compiled step in a lax loop.
+
+The batch is doubled to [labels ; null class]. `prefill` runs [cls, cond] and gives the first token's logits; step t
+mixes them with the power-cosine guidance scale of t (`jaxgen.sampling.guidance.power_cosine_scale`), divides by the
+temperature and draws token t, then `decode_step` writes it into slot t + 2 of the FIXED-size KV cache and returns
+the logits of token t + 1. No top-k / top-p (official). The cache never grows, so `decode_loop` traces the step once.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.families.rar.model import RAR
+from jaxgen.sampling import guidance
+from jaxgen.sampling.filtering import sample_tokens
+from jaxgen.sampling.loop import decode_loop
+
+
+def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, guidance_scale: float = 16.0,
+                    guidance_scale_pow: float = 2.75, temperature: float = 1.0) -> jax.Array:
+    """labels (B,) -> token ids (B, L) int32 in raster order."""
+    variables = {"params": params}
+    b = labels.shape[0]
+    seq = model.image_seq_len
+    use_cfg = guidance_scale != 1.0
+    labels = labels.astype(jnp.int32)
+    labels_in = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)]) if use_cfg else labels
+    caches = model.apply(variables, labels_in.shape[0], method=RAR.init_cache)
+    logits, caches = model.apply(variables, labels_in, caches, method=RAR.prefill)
+    tables = {"scale": guidance.power_cosine_scale(jnp.arange(seq), seq, guidance_scale, guidance_scale_pow)}
+
+    def step(t, state, row):
+        tokens, logits, caches = state
+        mixed = guidance.mix_halves(logits, row["scale"]) if use_cfg else logits
+        _, token = sample_tokens(jax.random.fold_in(rng, t), mixed, temperature=temperature)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=1)
+        token_in = jnp.concatenate([token, token]) if use_cfg else token
+        # after the last token this computes logits nobody reads (one static step body for every t)
+        logits, caches = model.apply(variables, token_in, t, labels_in, caches, method=RAR.decode_step)
+        return tokens, logits, caches
+
+    tokens, _, _ = decode_loop(step, (jnp.zeros((b, seq), jnp.int32), logits, caches), seq, tables)
+    return tokens
+
+
+def truncate_to_uint8_grid(images01: jax.Array) -> jax.Array:
+    """[0, 1] images -> [-1, 1] images on the uint8 grid the official code produces by TRUNCATION
+    (x * 255 cast to uint8), so jaxgen's rounding `to_uint8` gives exactly the official pixels."""
+    q = jnp.floor(jnp.clip(images01, 0.0, 1.0) * 255.0) / 255.0
+    return jnp.clip(q * 2.0 - 1.0, -1.0, 1.0)  # 255 / 255 * 2 - 1 can round to 1 + 1 ulp

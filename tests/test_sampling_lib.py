@@ -1,0 +1,47 @@
+"""The shared decoding pieces (jaxgen/sampling): CFG rules and schedules, mask-ratio functions, the decode loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.sampling import guidance, schedules
+from jaxgen.sampling.loop import decode_loop
+
+
+def test_mix_is_the_cfg_rule_of_every_family():
+    c, u = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.0])
+    np.testing.assert_allclose(guidance.mix(c, u, 1.0), c)  # scale 1: the conditional prediction
+    np.testing.assert_allclose(guidance.mix(c, u, 0.0), u)
+    t = 0.7  # VAR's (1 + t) c - t u is the mix with scale 1 + t
+    np.testing.assert_allclose(guidance.mix(c, u, 1 + t), (1 + t) * c - t * u, rtol=1e-6)
+    np.testing.assert_allclose(guidance.mix_halves(jnp.stack([c, u]), 3.0), guidance.mix(c, u, 3.0)[None])
+
+
+def test_schedules_of_the_guidance_scale():
+    np.testing.assert_allclose(guidance.var_scales(4, 1.5), [1.0, 1.5, 2.0, 2.5])  # t = cfg * si / (S - 1)
+    np.testing.assert_allclose(guidance.mar_scales([12, 4, 1], 16, 3.0, "linear"), [1.5, 2.5, 2.875])
+    g, p = 16.0, 2.75  # RAR-B: 1 at the first token, g at the last
+    assert float(guidance.power_cosine_scale(0, 256, g, p)) == pytest.approx(1.0)
+    assert float(guidance.power_cosine_scale(256, 256, g, p)) == pytest.approx(g)
+    assert float(guidance.power_cosine_scale(100, 256, g, 0.0)) == pytest.approx(g)  # pow 0: constant
+
+
+def test_mask_ratio_functions():
+    r = jnp.linspace(0.0, 1.0, 5)
+    np.testing.assert_allclose(schedules.mask_ratio("cosine", r), np.cos(np.pi / 2 * np.asarray(r)), atol=1e-6)
+    np.testing.assert_allclose(schedules.mask_ratio("linear", r), 1 - np.asarray(r), atol=1e-6)
+    np.testing.assert_allclose(schedules.mask_ratio("pow2", r), 1 - np.asarray(r) ** 2, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown mask schedule"):
+        schedules.mask_ratio("zigzag", r)
+
+
+def test_decode_loop_traces_one_step_and_reads_its_table_row():
+    traces = []
+
+    def step(k, state, row):
+        traces.append(k)
+        return state + row["add"] * (k + 1)
+
+    table = {"add": np.array([1.0, 10.0, 100.0], np.float32)}
+    out = jax.jit(lambda s: decode_loop(step, s, 3, table))(jnp.zeros(()))
+    assert float(out) == 1 * 1 + 10 * 2 + 100 * 3 and len(traces) == 1
