@@ -5,15 +5,17 @@
   python bench/throughput.py --config=configs/var_d16.py --what=sample --batch=8 --json=out.json
 
 Train: the real jitted, donated train step (sharded over all local devices) on random batches of the family's
-batch shapes; reports steps/s, images/s and, where XLA's cost analysis gives the step's FLOPs, TFLOP/s and MFU
-against --peak_tflops (per device). Sample: `family.sample` jitted once, then timed; images/s. Compile time is
-reported apart and never counted.
+batch shapes; reports the median step time, steps/s, images/s and, where XLA's cost analysis gives the step's FLOPs,
+GFLOP/s and MFU against --peak_tflops (per device). Sample: `family.sample` (or `sample_tokens`) jitted once, then
+timed per call; median and images/s. Compile time is reported apart and never counted; peak RSS of the process too.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +27,9 @@ from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-flags.DEFINE_enum("what", "train", ["train", "sample"], "What to time.")
+flags.DEFINE_enum("what", "train", ["train", "sample", "sample_tokens"],
+                  "What to time: a train step, family.sample (decoded images), or family.sample_tokens (the "
+                  "generator's tokens / latents only, for families that have it: MAR, RAR).")
 flags.DEFINE_integer("steps", 5, "Timed train steps (after one warm-up step).")
 flags.DEFINE_integer("batch", 0, "Sampling batch (default config.sample.batch_size).")
 flags.DEFINE_integer("repeats", 2, "Timed sampling calls.")
@@ -83,30 +87,43 @@ def bench_train(config):
             t0 = time.time()
             compiled = step_fn.lower(trainer.state, batch, trainer.frozen).compile()
             compile_s = time.time() - t0
-            flops = None
-            try:
-                cost = compiled.cost_analysis()
-                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                flops = float(cost.get("flops", 0.0)) or None
-            except Exception:  # noqa: BLE001 - not every backend reports costs
-                pass
+            flops = _flops_of(compiled)
             state, m = compiled(trainer.state, batch, trainer.frozen)
             jax.block_until_ready(m)
-            t0 = time.time()
+            times = []
             for _ in range(FLAGS.steps):
+                t0 = time.time()
                 state, m = compiled(state, batch, trainer.frozen)
-            jax.block_until_ready(m)
-            dt = (time.time() - t0) / FLAGS.steps
+                jax.block_until_ready(m)
+                times.append(time.time() - t0)
+            dt = statistics.median(times)
         trainer.close()
     result = {"what": "train", "family": config.family, "batch_size": config.batch_size,
-              "compute_dtype": config.compute_dtype, "compile_s": round(compile_s, 1),
-              "step_s": dt, "steps_per_s": 1.0 / dt, "images_per_s": config.batch_size / dt}
-    if flops:
-        # cost_analysis counts the whole (SPMD-partitioned) program of one device.
-        result["tflops_per_device"] = flops / dt / 1e12
-        if FLAGS.peak_tflops:
-            result["mfu"] = result["tflops_per_device"] / FLAGS.peak_tflops
+              "compute_dtype": config.compute_dtype, "compile_s": round(compile_s, 1), "times_s": times,
+              "step_s": dt, "median_s": dt, "steps_per_s": 1.0 / dt, "images_per_s": config.batch_size / dt}
+    _add_flops(result, flops, dt)
     return result
+
+
+def _flops_of(compiled):
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+
+
+def _add_flops(result, flops, seconds):
+    """cost_analysis counts the whole (SPMD-partitioned) program of one device. XLA counts a loop body ONCE, so for
+    programs with loops (samplers) the figure is a lower bound; `flops` is reported as counted."""
+    if not flops:
+        return
+    result["flops"] = flops
+    result["gflops_per_s"] = flops / seconds / 1e9
+    result["tflops_per_device"] = flops / seconds / 1e12
+    if FLAGS.peak_tflops:
+        result["mfu"] = result["tflops_per_device"] / FLAGS.peak_tflops
 
 
 def bench_sample(config):
@@ -128,23 +145,32 @@ def bench_sample(config):
         frozen = replicate(_random_frozen(config), mesh)
         labels = jax.device_put(np.arange(batch, dtype=np.int32) % int(config.data.num_classes),
                                 sh.batch_sharding(mesh, rules, 1))
-        fn = jax.jit(family.sample)
+        if FLAGS.what == "sample_tokens":
+            if not hasattr(family, "sample_tokens"):
+                raise SystemExit(f"family {family.name} has no sample_tokens; use --what=sample")
+            fn = jax.jit(lambda p, f, l, r: family.sample_tokens(p, l, r))
+        else:
+            fn = jax.jit(family.sample)
         t0 = time.time()
         compiled = fn.lower(params, frozen, labels, jax.random.PRNGKey(0)).compile()
         compile_s = time.time() - t0
         for _ in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
-        t0 = time.time()
+        times = []
         for i in range(FLAGS.repeats):
-            out = compiled(params, frozen, labels, jax.random.PRNGKey(i + 1))
-        jax.block_until_ready(out)
-        dt = (time.time() - t0) / FLAGS.repeats
+            t0 = time.time()
+            jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(i + 1)))
+            times.append(time.time() - t0)
+        dt = statistics.median(times)
     from jaxgen.families.base import GENERIC_SAMPLE_KEYS
 
     s = config.sample
-    return {"what": "sample", "family": config.family, "batch": batch, "compute_dtype": config.compute_dtype,
-            "settings": {k: s[k] for k in sorted(s.keys()) if k not in GENERIC_SAMPLE_KEYS},
-            "compile_s": round(compile_s, 1), "call_s": dt, "images_per_s": batch / dt}
+    result = {"what": FLAGS.what, "family": config.family, "batch": batch, "compute_dtype": config.compute_dtype,
+              "settings": {k: s[k] for k in sorted(s.keys()) if k not in GENERIC_SAMPLE_KEYS},
+              "compile_s": round(compile_s, 1), "times_s": times, "call_s": dt, "median_s": dt,
+              "images_per_s": batch / dt}
+    _add_flops(result, _flops_of(compiled), dt)
+    return result
 
 
 def main(argv):
@@ -152,6 +178,7 @@ def main(argv):
     config = FLAGS.config
     result = bench_train(config) if FLAGS.what == "train" else bench_sample(config)
     result["machine"] = _machine()
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     text = json.dumps(result, indent=1, sort_keys=True, default=str)
     print(text)
     if FLAGS.json:

@@ -113,3 +113,23 @@ def base_config() -> ml_collections.ConfigDict:
     # The tokenizer stage's own values for fields of config.data (e.g. random_flip); the rest come from config.data.
     c.tokenizer.data = ml_collections.ConfigDict()
     return c
+
+
+def imagenet_data(c, image_size: int = 256, folder: bool = False, random_flip: bool = True) -> None:
+    """ImageNet (1000 classes, RGB) at `image_size`: TFDS `imagenet2012`, or an image folder (data.data_dir)."""
+    c.data.source = "imagefolder" if folder else "tfds"
+    c.data.name = "" if folder else "imagenet2012"
+    c.data.split = "train"
+    c.data.image_size = image_size
+    c.data.channels = 3
+    c.data.num_classes = 1000
+    c.data.random_flip = random_flip
+
+
+def digits_data(c) -> None:
+    """The bundled 32x32 one-channel MNIST digits (10 classes; not mirror-symmetric, so no flips)."""
+    c.data.source = "digits"
+    c.data.image_size = 32
+    c.data.channels = 1
+    c.data.num_classes = 10
+    c.data.random_flip = False

@@ -5,7 +5,7 @@ Training settings follow the LDM kl-f16 recipe the authors used (batch 256, lr 1
 the LPIPS and patch-GAN terms of that recipe are not implemented (KLVAEFamily.extra_losses is the hook), so training
 from scratch with this config will not reach the released model's quality.
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, imagenet_data, parse_variants
 
 
 def get_config(arg=None):
@@ -33,12 +33,7 @@ def get_config(arg=None):
     c.loss.kl_weight = 1e-6
     m.scale_factor = 0.2325  # MAR multiplies posterior samples by this (1 / std of ImageNet latents)
 
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.random_flip = True
+    imagenet_data(c, 256)
 
     c.optim.lr = 1e-4
     c.optim.b1 = 0.5

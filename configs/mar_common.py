@@ -7,7 +7,7 @@
   train_tokenizer train the KL-16 tokenizer from scratch when config.tokenizer.checkpoint is not given (by default
                   these configs stop and say how to convert the official kl16.ckpt: the paper used it)
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, imagenet_data, parse_variants
 
 IMAGENET_TRAIN_IMAGES = 1281167
 
@@ -25,16 +25,6 @@ def kl16_tokenizer_config():
     from configs import kl16
 
     return kl16.get_config()
-
-
-def _imagenet_data(c, folder: bool = False):
-    c.data.source = "imagefolder" if folder else "tfds"
-    c.data.name = "" if folder else "imagenet2012"
-    c.data.split = "train"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.random_flip = True
 
 
 def mar_config(size: str, arg=None):
@@ -81,7 +71,7 @@ def mar_config(size: str, arg=None):
     o.grad_clip = 3.0
     o.ema_decay = 0.9999
 
-    _imagenet_data(c, folder="folder" in variants)
+    imagenet_data(c, 256, folder="folder" in variants)
     c.tokenizer.config = kl16_tokenizer_config()  # its dataset is config.data (one dataset for both stages)
     c.tokenizer.allow_training = "train_tokenizer" in variants
     if "cached" in variants:

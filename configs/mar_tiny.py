@@ -8,7 +8,7 @@ Variants (`configs/mar_tiny.py:<arg>`):
   runlocal  a few steps of each stage (smoke test of the whole pipeline in about a minute)
 """
 from configs import kl_vae_tiny
-from configs.common import base_config, parse_variants
+from configs.common import base_config, digits_data, parse_variants
 
 VARIANTS = ("runlocal",)
 
@@ -55,12 +55,8 @@ def get_config(arg=None):
     # weights (the paper's 0.9999 averages over ~500k steps). Sampling uses the raw params.
     o.ema_decay = 0.0
 
-    c.data.source = "digits"
+    digits_data(c)
     c.data.cache = True  # MAR's paper setup: moments of each digit and its flip, cached by --mode=cache
-    c.data.image_size = 32
-    c.data.channels = 1
-    c.data.num_classes = 10
-    c.data.random_flip = False  # digits are not mirror-symmetric
 
     c.tokenizer.config = kl_vae_tiny.get_config()
 

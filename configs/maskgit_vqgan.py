@@ -7,7 +7,7 @@ R1-penalised GAN); the settings below are jaxgen's own (L2 + VQ + the dead-code 
 go through MaskGITVQGANFamily.extra_losses), so training from scratch will not reach the released model's quality.
 No variants.
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, imagenet_data, parse_variants
 
 
 def get_config(arg=None):
@@ -47,10 +47,5 @@ def get_config(arg=None):
     o.end_factor = 0.1
     o.grad_clip = 1.0
 
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.random_flip = True
+    imagenet_data(c, 256)
     return c

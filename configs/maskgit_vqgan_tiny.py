@@ -4,7 +4,7 @@ Stride 4: 32x32x1 images <-> 8x8 codes (64 tokens per image) of a 256-code book.
 avg-pool down, nearest up, the shortcut on the block output) and loss as configs/maskgit_vqgan.py; only sizes and the
 schedule are scaled down for 2 CPU cores. No variants.
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, digits_data, parse_variants
 
 
 def get_config(arg=None):
@@ -40,9 +40,5 @@ def get_config(arg=None):
     c.optim.end_factor = 0.05
     c.optim.grad_clip = 1.0
 
-    c.data.source = "digits"
-    c.data.image_size = 32
-    c.data.channels = 1
-    c.data.num_classes = 10
-    c.data.random_flip = False
+    digits_data(c)
     return c

@@ -5,7 +5,7 @@ Stride 8: 32x32x1 images <-> a 4x4x8 feature map quantised over the scales (1, 2
 the dead-code pull) as the full VQVAE (configs/vqvae_256.py); only sizes and the schedule are scaled down, sized for
 2 CPU cores. The default tokenizer of configs/var_tiny.py. `get_config(arg)`: arg is unused.
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, digits_data, parse_variants
 
 PATCH_NUMS = (1, 2, 3, 4)
 
@@ -45,9 +45,5 @@ def get_config(arg=None):
     c.optim.end_factor = 0.05
     c.optim.grad_clip = 1.0
 
-    c.data.source = "digits"
-    c.data.image_size = 32
-    c.data.channels = 1
-    c.data.num_classes = 10
-    c.data.random_flip = False
+    digits_data(c)
     return c

@@ -14,7 +14,7 @@ until step 125k, annealed linearly to raster order by step 187.5k. The official 
 281px centre crop); jaxgen caches the codes of each ADM crop and its flip (data.cache) and picks one per step.
 Sampling: the README's per-size guidance scale, power and temperature; 50 images per class.
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, imagenet_data, parse_variants
 from configs.maskgit_vqgan import get_config as maskgit_vqgan_config
 from jaxgen.families.rar.model import RAR_SIZES
 
@@ -59,14 +59,7 @@ def rar_config(size: str, arg=None):
     o.grad_clip = 1.0
     o.ema_decay = 0.0
 
-    folder = "folder" in variants
-    c.data.source = "imagefolder" if folder else "tfds"
-    c.data.name = "" if folder else "imagenet2012"
-    c.data.split = "train"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.random_flip = True
+    imagenet_data(c, 256, folder="folder" in variants)
     c.data.cache = "images" not in variants  # the official pre-tokenized data
     c.tokenizer.config = maskgit_vqgan_config()  # its dataset is config.data (one for both stages)
     c.tokenizer.allow_training = "train_tokenizer" in variants

@@ -10,7 +10,7 @@ Variants (`configs/rar_tiny.py:<arg>`):
   runlocal  a few steps of each stage (smoke test of the whole pipeline)
 """
 from configs import maskgit_vqgan_tiny
-from configs.common import base_config, parse_variants
+from configs.common import base_config, digits_data, parse_variants
 
 VARIANTS = ("runlocal",)
 
@@ -49,11 +49,7 @@ def get_config(arg=None):
     o.grad_clip = 1.0
     o.ema_decay = 0.0
 
-    c.data.source = "digits"
-    c.data.image_size = 32
-    c.data.channels = 1
-    c.data.num_classes = 10
-    c.data.random_flip = False
+    digits_data(c)
     c.data.cache = True  # the official code trains on pre-tokenized images
 
     c.tokenizer.config = maskgit_vqgan_tiny.get_config()

@@ -16,7 +16,7 @@ Differences: the official loader resizes the short side to 288 (Lanczos) and ran
 pipeline gives its own 256px crops. Progressive training (off by default officially) is available as
 config.loss.train_scales (see jaxgen/families/var/family.py).
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, imagenet_data, parse_variants
 from configs.vqvae_256 import PATCH_NUMS_256, PATCH_NUMS_512, vqvae_config
 
 IMAGENET_TRAIN_IMAGES = 1281167
@@ -30,16 +30,6 @@ RECIPES = {
     36: dict(batch=768, epochs=350, tblr=8e-5, alng=5e-6, wpe=0.01, image_size=512, shared_aln=True),
 }
 VARIANTS = ("no_l2norm", "folder", "train_tokenizer")
-
-
-def _imagenet_data(c, image_size: int, folder: bool):
-    c.data.source = "imagefolder" if folder else "tfds"
-    c.data.name = "" if folder else "imagenet2012"
-    c.data.split = "train"
-    c.data.image_size = image_size
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.random_flip = False  # the official VAR loader does not flip
 
 
 def var_config(depth: int, arg=None):
@@ -87,7 +77,7 @@ def var_config(depth: int, arg=None):
     o.grad_clip = 2.0
     o.ema_decay = 0.0
 
-    _imagenet_data(c, image_size, folder="folder" in variants)
+    imagenet_data(c, image_size, folder="folder" in variants, random_flip=False)  # the official loader does not flip
     c.tokenizer.config = vqvae_config(image_size, patch_nums)  # its dataset is config.data (one for both stages)
     c.tokenizer.data.random_flip = True  # the tokenizer stage flips (jaxgen's choice), VAR itself does not
     c.tokenizer.allow_training = "train_tokenizer" in variants

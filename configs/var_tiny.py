@@ -9,7 +9,7 @@ Variants (`configs/var_tiny.py:<arg>`):
   runlocal  a few steps of each stage (smoke test of the whole pipeline)
 """
 from configs import msvq_tiny
-from configs.common import base_config, parse_variants
+from configs.common import base_config, digits_data, parse_variants
 
 VARIANTS = ("runlocal",)
 
@@ -51,11 +51,7 @@ def get_config(arg=None):
     o.grad_clip = 2.0
     o.ema_decay = 0.0  # VAR trains without EMA
 
-    c.data.source = "digits"  # images; the tokenizer encodes each batch inside the loss
-    c.data.image_size = 32
-    c.data.channels = 1
-    c.data.num_classes = 10
-    c.data.random_flip = False
+    digits_data(c)  # images; the tokenizer encodes each batch inside the loss
 
     c.tokenizer.config = msvq_tiny.get_config()
 

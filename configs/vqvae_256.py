@@ -7,7 +7,7 @@ with unknown weights). The optimizer settings below are jaxgen's own choice (the
 betas (0.5, 0.9), lr 1e-4); only the L2 + VQ part of the loss is implemented (MSVQFamily.extra_losses is the hook for
 LPIPS / GAN terms), so training from scratch with this config will not reach the released model's quality.
 """
-from configs.common import base_config, parse_variants
+from configs.common import base_config, imagenet_data, parse_variants
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # VAR-d36-s: the same VQVAE on 512px images
@@ -53,12 +53,7 @@ def vqvae_config(image_size: int = 256, patch_nums=PATCH_NUMS_256):
     o.end_factor = 0.1
     o.grad_clip = 1.0
 
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.image_size = image_size
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.random_flip = True
+    imagenet_data(c, image_size)
     return c
 
 

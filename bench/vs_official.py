@@ -1,0 +1,122 @@
+"""jaxgen and the OFFICIAL PyTorch code side by side, alternately, in ONE invocation on one machine.
+
+  python bench/vs_official.py --official_src=/tmp/official/src --official_python=/tmp/official/venv/bin/python \
+      --rows=rar_b_sample,rar_b_train --rounds=2 --out=bench/results/vs_official_cpu.json
+
+The official side is ../shared/anchor_bench/bench_official.py (set up as its README says: `fetch` the three repos,
+then its setup.sh); each of its measurements runs in a child process that warms up once and times --reps calls. The
+jaxgen side is bench/throughput.py in a child process with the same work (float32, same batch, same settings). Rows
+alternate official / jaxgen for --rounds rounds; per side the median over all timed calls is reported, with the ratio
+official / jaxgen (> 1: jaxgen is faster), the peak RSS of each child, jaxgen's compile time (apart) and GFLOP/s from
+XLA's counted FLOPs of the jaxgen program (a lower bound for programs with loops, see throughput.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANCHOR = os.path.join(os.path.dirname(REPO), "shared", "anchor_bench", "bench_official.py")
+F32 = ["--config.compute_dtype=float32"]
+
+# official measurement -> the jaxgen throughput.py flags doing the same work (official settings, see anchor README)
+ROWS = {
+    "rar_b_sample": ["--config=configs/rar_b.py", "--what=sample_tokens", "--batch=2", *F32],
+    "rar_b_train": ["--config=configs/rar_b.py", "--what=train", "--config.batch_size=4", *F32],
+    "mar_b_train": ["--config=configs/mar_b.py:cached", "--what=train", "--config.batch_size=4", *F32],
+    "mar_b_sample_iter8": ["--config=configs/mar_b.py", "--what=sample_tokens", "--batch=2", *F32,
+                           "--config.sample.num_iter=8", "--config.sample.cfg=3.0"],
+    "mar_b_sample_iter16": ["--config=configs/mar_b.py", "--what=sample_tokens", "--batch=2", *F32,
+                            "--config.sample.num_iter=16", "--config.sample.cfg=3.0"],
+    "var_d16_sample": ["--config=configs/var_d16.py", "--what=sample", "--batch=2", *F32],
+    "var_d16_train": ["--config=configs/var_d16.py", "--what=train", "--config.batch_size=2", *F32],
+}
+
+
+def _official(args, row, reps):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.json")
+        cmd = [args.official_python, ANCHOR, "--src", args.official_src, "--only", row, "--reps", str(reps),
+               "--threads", str(args.threads), "--out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise SystemExit(f"official {row} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        result = json.load(open(out))
+    if result.get("failures"):
+        raise SystemExit(f"official {row} failed: {result['failures'][0]['log_tail'][-2000:]}")
+    meas = next(m for m in result["results"] if m["name"] == row)
+    r = next(x for x in meas["rows"] if x["name"] == row)
+    return {"times_s": r["times_s"], "median_s": r["median_s"], "peak_rss_mb": meas["peak_rss_mb"],
+            "host": result["host"], "commits": result["official_commits"]}
+
+
+def _jaxgen(args, row, reps):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.json")
+        flags = ROWS[row] + [f"--json={out}", f"--steps={reps}", f"--repeats={reps}", "--warmup=1"]
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "throughput.py"), *flags], cwd=REPO,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"jaxgen {row} failed:\n{proc.stderr[-3000:]}")
+        return json.load(open(out))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--official_src", required=True, help="/tmp/official/src of the anchor_bench set-up")
+    ap.add_argument("--official_python", required=True, help="its venv's python")
+    ap.add_argument("--rows", default="rar_b_sample,rar_b_train", help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--rounds", type=int, default=2, help="official / jaxgen alternations per row")
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per side per round")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses every core)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    table = []
+    for row in rows:
+        official, ours = [], []
+        for _ in range(args.rounds):
+            official.append(_official(args, row, args.reps))
+            ours.append(_jaxgen(args, row, args.reps))
+        o_times = [t for r in official for t in r["times_s"]]
+        j_times = [t for r in ours for t in r["times_s"]]
+        o_med, j_med = statistics.median(o_times), statistics.median(j_times)
+        flops = ours[-1].get("flops")
+        entry = {"row": row, "official_median_s": o_med, "jaxgen_median_s": j_med, "ratio": o_med / j_med,
+                 "official_times_s": o_times, "jaxgen_times_s": j_times,
+                 "official_peak_rss_mb": max((r["peak_rss_mb"] or 0) for r in official),
+                 "jaxgen_peak_rss_mb": max(r["peak_rss_mb"] for r in ours),
+                 "jaxgen_compile_s": ours[-1]["compile_s"], "jaxgen_flags": ROWS[row],
+                 "counted_gflop": flops / 1e9 if flops else None,
+                 "jaxgen_gflops_per_s": flops / j_med / 1e9 if flops else None,
+                 "official_gflops_per_s": flops / o_med / 1e9 if flops else None}
+        table.append(entry)
+        print(f"{row:22s} official {o_med:8.2f} s  jaxgen {j_med:8.2f} s  ratio {o_med / j_med:5.2f}x  "
+              f"RSS {entry['official_peak_rss_mb']:.0f} / {entry['jaxgen_peak_rss_mb']:.0f} MB  "
+              f"compile {entry['jaxgen_compile_s']} s"
+              + (f"  GFLOP/s {entry['official_gflops_per_s']:.1f} / {entry['jaxgen_gflops_per_s']:.1f}"
+                 if flops else ""), flush=True)
+    import jax
+
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M"),
+              "jax": jax.__version__, "official_host": official[-1]["host"], "official_commits": official[-1]["commits"],
+              "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rounds": args.rounds,
+              "reps": args.reps, "rows": table}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
