@@ -29,7 +29,9 @@ F32 = ["--config.compute_dtype=float32"]
 # official measurement -> the jaxgen throughput.py flags doing the same work (official settings, see anchor README)
 ROWS = {
     "rar_b_sample": ["--config=configs/rar_b.py", "--what=sample_tokens", "--batch=2", *F32],
-    "rar_b_train": ["--config=configs/rar_b.py", "--what=train", "--config.batch_size=4", *F32],
+    # the anchor's RAR step: AdamW without gradient clipping (the recipe clips at 1.0; here the same work as official)
+    "rar_b_train": ["--config=configs/rar_b.py", "--what=train", "--config.batch_size=4", *F32,
+                    "--config.optim.grad_clip=0"],
     "mar_b_train": ["--config=configs/mar_b.py:cached", "--what=train", "--config.batch_size=4", *F32],
     "mar_b_sample_iter8": ["--config=configs/mar_b.py", "--what=sample_tokens", "--batch=2", *F32,
                            "--config.sample.num_iter=8", "--config.sample.cfg=3.0"],
