@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.cli_utils import REPO, assert_one_line_error, env, run_main, tail
+from tests.cli_utils import REPO, TINY_VAE, assert_one_line_error, env, run_main, tail
 
 MAR_TINY = ["--config=configs/mar_tiny.py:runlocal"]
 
@@ -103,8 +103,7 @@ def _digest(root):
 def test_sampling_a_mismatched_checkpoint_prints_one_line(tmp_path):
     """A kl_vae run sampled as if it were MAR's: no orbax warnings, one line (--verbosity=1 shows the library logs)."""
     w = tmp_path / "w"
-    proc = run_main(["--config=configs/kl_vae_tiny.py", f"--workdir={w}", "--config.total_steps=2",
-                     "--config.batch_size=8", "--config.checkpoint_every=2", "--config.log_every=1"])
+    proc = run_main([*TINY_VAE, f"--workdir={w}", "--config.total_steps=2", "--config.checkpoint_every=2"])
     assert proc.returncode == 0, tail(proc)
     before = _digest(w)
     sample = ["--config=configs/mar_tiny.py", f"--workdir={w}", "--mode=sample", f"--config.tokenizer.workdir={w}"]

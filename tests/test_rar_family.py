@@ -34,10 +34,16 @@ def family():
 @pytest.fixture(scope="module")
 def params(family):
     p = nn.meta.unbox(jax.jit(family.init)(jax.random.PRNGKey(0)))
-    # the adaLN-Zero init makes every block the identity: perturb so the logits depend on the input
-    leaves, tree = jax.tree_util.tree_flatten(p)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    @jax.jit  # one compile, not one eager kernel per leaf shape
+    def perturb(p):
+        # the adaLN-Zero init makes every block the identity: perturb so the logits depend on the input
+        leaves, tree = jax.tree_util.tree_flatten(p)
+        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+        return jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                                   for x, k in zip(leaves, keys)])
+
+    return perturb(p)
 
 
 def test_sizes_come_from_the_tokenizer(family):
@@ -94,13 +100,15 @@ def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, mo
         params, labels)
     assert len(traces) == 1
     model, seq, null = family.model, family.model.image_seq_len, family.model.null_label
-    tokens = np.zeros((2, 0), np.int32)
+    labels2 = jnp.concatenate([labels, jnp.full_like(labels, null)])
+    # causal: the logits at position t see tokens < t only, so one full-length forward (later slots zero) serves
+    # every step, compiled once
+    forward = jax.jit(lambda p, tok: model.apply({"params": p}, tok, labels2, method=type(model).forward_logits))
+    tokens = np.zeros((2, seq), np.int32)
     for t in range(seq):
-        both = model.apply({"params": params}, jnp.asarray(np.concatenate([tokens, tokens])),
-                           jnp.concatenate([labels, jnp.full_like(labels, null)]), method=type(model).forward_logits)
+        both = forward(params, jnp.asarray(np.concatenate([tokens, tokens])))
         scale = guidance.power_cosine_scale(t, seq, g, pw)
-        nxt = np.asarray(jnp.argmax(guidance.mix_halves(both[:, t], scale), -1), np.int32)
-        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        tokens[:, t] = np.asarray(jnp.argmax(guidance.mix_halves(both[:, t], scale), -1), np.int32)
     np.testing.assert_array_equal(np.asarray(cached), tokens)
 
 
