@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections

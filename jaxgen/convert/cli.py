@@ -13,7 +13,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import jax
 import numpy as np

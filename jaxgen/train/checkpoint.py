@@ -2,7 +2,6 @@
 train state + data-iterator state + run metadata; restore directly into the target shardings."""
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Optional
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import jax
 import numpy as np

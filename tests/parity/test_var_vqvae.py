@@ -25,8 +25,6 @@ def build_vqvae(fixture):
 
 def msvq_family(model: VQVAE):
     """The tokenizer family around a fixture's VQVAE (what VAR's sampler talks to)."""
-    import dataclasses
-
     from configs.common import base_config
     from jaxgen.families.msvq import MSVQFamily
 

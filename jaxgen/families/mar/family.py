@@ -12,7 +12,7 @@ The tokenizer's params are never owned by this family: the pipeline puts them in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
