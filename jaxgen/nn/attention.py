@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.nn.dropout import Dropout, dropout
 from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain
 
 IMPLS = ("auto", "xla", "cudnn")
@@ -42,8 +43,7 @@ def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, k
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        probs = dropout(probs, dropout_rate, dropout_rng)
     out = jnp.einsum(f"bnts,{kv}->btnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
@@ -187,5 +187,5 @@ class Attention(nn.Module):
         out = constrain(out.reshape(b, t, self.dim), ("batch", "length", "heads"))
         out = Dense(self.dim, axes=("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                     name="proj")(out)
-        out = nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
+        out = Dropout(self.proj_drop)(out, deterministic=deterministic)
         return out if cache is None else (out, cache)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.nn.dropout import Dropout
 from jaxgen.nn.layers import ones, with_axes, zeros
 
 Dtype = Any
@@ -124,7 +125,7 @@ class ResnetBlock(nn.Module):
         h = swish(GroupNorm(name="norm1", **norm)(x))
         h = Conv(c_out, 3, padding=1, use_bias=self.use_bias, name="conv1", **kw)(h)
         h = swish(GroupNorm(name="norm2", **norm)(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
+        h = Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
         h = Conv(c_out, 3, padding=1, use_bias=self.use_bias, name="conv2", **kw)(h)
         if c_in == c_out:
             return x + h

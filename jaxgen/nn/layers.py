@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.nn.dropout import keep_mask
+
 Dtype = Any
 Axes = Sequence[Optional[str]]
 
@@ -129,5 +131,5 @@ class DropPath(nn.Module):
             return x
         keep_prob = 1.0 - self.rate
         per_sample = [x.shape[0]] + [1] * (x.ndim - 1)  # one draw per sample, broadcast over the rest
-        kept = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, tuple(per_sample))
+        kept = keep_mask(self.make_rng("dropout"), self.rate, tuple(per_sample))
         return jnp.where(kept, x / keep_prob, 0.0).astype(x.dtype)

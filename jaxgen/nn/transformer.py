@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxgen.nn.attention import Attention, KVCache
+from jaxgen.nn.dropout import Dropout
 from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain, gelu_exact, gelu_tanh, zeros
 
 ACTIVATIONS = {"gelu_exact": gelu_exact, "gelu_tanh": gelu_tanh}
@@ -36,9 +37,9 @@ class Mlp(nn.Module):
                   name="fc1")(x)
         h = ACTIVATIONS[self.act](h)
         h = constrain(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(self.drop)(h, deterministic=deterministic)
+        h = Dropout(self.drop)(h, deterministic=deterministic)
         h = Dense(out, axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
-        return nn.Dropout(self.drop)(h, deterministic=deterministic)
+        return Dropout(self.drop)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
