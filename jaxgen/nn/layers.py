@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.nn.dropout import keep_mask
+from jaxgen.nn.dropout import dropout
 
 Dtype = Any
 Axes = Sequence[Optional[str]]
@@ -129,7 +129,5 @@ class DropPath(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         if deterministic or self.rate <= 0.0:
             return x
-        keep_prob = 1.0 - self.rate
-        per_sample = [x.shape[0]] + [1] * (x.ndim - 1)  # one draw per sample, broadcast over the rest
-        kept = keep_mask(self.make_rng("dropout"), self.rate, tuple(per_sample))
-        return jnp.where(kept, x / keep_prob, 0.0).astype(x.dtype)
+        per_sample = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample, broadcast over the rest
+        return dropout(x, self.rate, self.make_rng("dropout"), mask_shape=per_sample)
