@@ -175,6 +175,9 @@ def bench_sample(config):
 
 def main(argv):
     del argv
+    from jaxgen.utils.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as jaxgen.main does: XLA:CPU's per-step temporaries stay resident
     config = FLAGS.config
     result = bench_train(config) if FLAGS.what == "train" else bench_sample(config)
     result["machine"] = _machine()

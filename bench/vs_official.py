@@ -9,6 +9,12 @@ jaxgen side is bench/throughput.py in a child process with the same work (float3
 alternate official / jaxgen for --rounds rounds; per side the median over all timed calls is reported, with the ratio
 official / jaxgen (> 1: jaxgen is faster), the peak RSS of each child, jaxgen's compile time (apart) and GFLOP/s from
 XLA's counted FLOPs of the jaxgen program (a lower bound for programs with loops, see throughput.py).
+
+Both children run with the same environment. By default that includes the glibc malloc settings jaxgen applies to
+itself at start-up (jaxgen/utils/host_memory.py: one arena, no mmap for large blocks, no trimming), so the official
+code gets them too: otherwise both re-fault their multi-GB per-step temporaries every step, which on VMs whose
+balloon driver reports free pages to the host (this one) costs ~2 us/KB. --malloc=default gives both glibc's
+defaults (jaxgen's child then gets JAXGEN_HOST_MALLOC=system).
 """
 from __future__ import annotations
 
@@ -42,12 +48,25 @@ ROWS = {
 }
 
 
+sys.path.insert(0, REPO)
+from jaxgen.utils.host_memory import SETTINGS as KEEP_FREED_MEMORY  # noqa: E402
+
+
+def _child_env(args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if args.malloc == "keep":
+        env.update(KEEP_FREED_MEMORY)
+    else:
+        env["JAXGEN_HOST_MALLOC"] = "system"
+    return env
+
+
 def _official(args, row, reps):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         cmd = [args.official_python, ANCHOR, "--src", args.official_src, "--only", row, "--reps", str(reps),
                "--threads", str(args.threads), "--out", out]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(args))
         if proc.returncode != 0 or not os.path.exists(out):
             raise SystemExit(f"official {row} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         result = json.load(open(out))
@@ -64,7 +83,7 @@ def _jaxgen(args, row, reps):
         out = os.path.join(tmp, "r.json")
         flags = ROWS[row] + [f"--json={out}", f"--steps={reps}", f"--repeats={reps}", "--warmup=1"]
         proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "throughput.py"), *flags], cwd=REPO,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=_child_env(args))
         if proc.returncode != 0:
             raise SystemExit(f"jaxgen {row} failed:\n{proc.stderr[-3000:]}")
         return json.load(open(out))
@@ -78,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="official / jaxgen alternations per row")
     ap.add_argument("--reps", type=int, default=2, help="timed calls per side per round")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses every core)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="'keep': both children keep freed memory (see above); 'default': glibc's defaults")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -113,7 +134,8 @@ def main(argv=None):
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M"),
               "jax": jax.__version__, "official_host": official[-1]["host"], "official_commits": official[-1]["commits"],
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rounds": args.rounds,
-              "reps": args.reps, "rows": table}
+              "reps": args.reps, "malloc": args.malloc,
+              "child_env": KEEP_FREED_MEMORY if args.malloc == "keep" else {}, "rows": table}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -94,6 +94,9 @@ def main(argv, callbacks=()):
     if not FLAGS.workdir:
         _fail("--workdir is required (where checkpoints, logs and samples go), e.g. --workdir=runs/mar_tiny")
     logging.getLogger().setLevel(logging.INFO)
+    from jaxgen.utils.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its CPU thread pools (see the module)
     try:
         from jaxgen.parallel.mesh import maybe_initialize_distributed
 

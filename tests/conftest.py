@@ -10,6 +10,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".pytest_
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+from jaxgen.utils.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as jaxgen.main does, before jax starts its thread pools
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxgen.nn.attention import Attention, KVCache
 from jaxgen.nn.dropout import Dropout
+from jaxgen.nn.fence import gradient_fence
 from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain, gelu_exact, gelu_tanh, zeros
 
 ACTIVATIONS = {"gelu_exact": gelu_exact, "gelu_tanh": gelu_tanh}
@@ -172,7 +173,9 @@ class AdaLNZeroBlock(nn.Module):
         h = (h * (1.0 + scale_mlp) + shift_mlp).astype(self.dtype)
         h = Mlp(self.mlp_dim, act=self.act, drop=self.proj_drop, name="mlp", **kw)(h, deterministic=deterministic)
         x = constrain(x + gate_mlp * h.astype(jnp.float32), ("batch", "length", "embed"))
-        return x if cache is None else (x, cache)
+        if cache is None:  # training / teacher forcing: keep the backward linear in depth on XLA:CPU
+            return gradient_fence(x)
+        return x, cache
 
 
 class AdaLNFinalNorm(nn.Module):
