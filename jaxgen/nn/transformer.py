@@ -20,12 +20,13 @@ ACTIVATIONS = {"gelu_exact": gelu_exact, "gelu_tanh": gelu_tanh}
 
 
 class Mlp(nn.Module):
-    """fc1 -> act -> dropout -> fc2 -> dropout (timm `Mlp`)."""
+    """fc1 -> act -> dropout -> fc2 -> dropout (timm `Mlp`); `drop_hidden=False` drops only after fc2 (BERT)."""
 
     hidden_features: int
     out_features: Optional[int] = None
     act: str = "gelu_exact"  # timm's nn.GELU default is the exact erf form
     drop: float = 0.0
+    drop_hidden: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -38,7 +39,8 @@ class Mlp(nn.Module):
                   name="fc1")(x)
         h = ACTIVATIONS[self.act](h)
         h = constrain(h, ("batch", "length", "mlp"))
-        h = Dropout(self.drop)(h, deterministic=deterministic)
+        if self.drop_hidden:
+            h = Dropout(self.drop)(h, deterministic=deterministic)
         h = Dense(out, axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
         return Dropout(self.drop)(h, deterministic=deterministic)
 
@@ -70,6 +72,34 @@ class Block(nn.Module):
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
         x = x + Mlp(int(self.dim * self.mlp_ratio), act=self.act, drop=self.proj_drop, name="mlp", **kw)(
             h, deterministic=deterministic)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class PostLNBlock(nn.Module):
+    """Post-norm (BERT) block: x = LN(x + drop(attn(x))); x = LN(x + drop(mlp(x))), the MLP dropping only after
+    its output projection. Param names as `Block` (norm1 follows attention, norm2 the MLP)."""
+
+    dim: int
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    norm_eps: float = 1e-12
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    act: str = "gelu_tanh"
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, self.proj_drop,
+                      self.attention_impl, name="attn", **kw)(x, mask=mask, deterministic=deterministic)
+        x = LayerNorm(self.norm_eps, name="norm1", **kw)(x + h)
+        h = Mlp(self.mlp_dim, act=self.act, drop=self.proj_drop, drop_hidden=False, name="mlp", **kw)(
+            x, deterministic=deterministic)
+        x = LayerNorm(self.norm_eps, name="norm2", **kw)(x + h)
         return constrain(x, ("batch", "length", "embed"))
 
 

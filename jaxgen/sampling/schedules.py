@@ -39,19 +39,31 @@ def mar_mask_schedule(seq_len: int, num_iter: int) -> Tuple[np.ndarray, np.ndarr
     return mask_len, num_pred
 
 
-# Mask-ratio functions of the decoding progress r in [0, 1] (MaskGIT-style parallel decoding): the fraction of tokens
-# still masked. r may be a traced value.
+# Mask-ratio functions of the decoding progress r in [0, 1] (MaskGIT libml/mask_schedule.py): the fraction of tokens
+# still masked; n = the number of tokens that can be masked (log / exp use it). r may be a traced value.
 MASK_RATIO_FNS = {
-    "cosine": lambda r: jnp.cos(jnp.pi / 2.0 * r),
-    "linear": lambda r: 1.0 - r,
+    "cosine": lambda r, n: jnp.cos(jnp.pi / 2.0 * r),
+    "linear": lambda r, n: 1.0 - r,
+    "uniform": lambda r, n: 1.0 - r,  # MaskGIT's name for linear
+    "log": lambda r, n: -jnp.log2(r) / jnp.log2(n),
+    "exp": lambda r, n: 1.0 - jnp.exp2(-jnp.log2(n) * (1.0 - r)),
 }
+SCHEDULE_NAMES = tuple(sorted(MASK_RATIO_FNS)) + ("pow<k>",)
 
 
-def mask_ratio(name: str, progress):
-    """Fraction still masked at `progress` in [0, 1] under the named MaskGIT schedule ('pow<k>' for 1 - r^k)."""
-    if name.startswith("pow") and name[3:].replace(".", "", 1).isdigit():
-        k = float(name[3:])
-        return 1.0 - jnp.asarray(progress, jnp.float32) ** k
-    if name not in MASK_RATIO_FNS:
-        raise ValueError(f"unknown mask schedule {name!r}; use one of {', '.join(sorted(MASK_RATIO_FNS))} or pow<k>")
-    return MASK_RATIO_FNS[name](jnp.asarray(progress, jnp.float32))
+def check_schedule_name(name: str) -> None:
+    if not (name in MASK_RATIO_FNS or (name.startswith("pow") and name[3:].replace(".", "", 1).isdigit())):
+        raise ValueError(f"unknown mask schedule {name!r}; use one of {', '.join(SCHEDULE_NAMES)}")
+
+
+def mask_ratio(name: str, progress, num_tokens: int = 256, clip: bool = False):
+    """Fraction still masked at `progress` in [0, 1] under the named MaskGIT schedule ('pow<k>' for 1 - r^k).
+    `clip`: MaskGIT's clamp to [1e-6, 1] (what its decoder and training use)."""
+    check_schedule_name(name)
+    r = jnp.asarray(progress, jnp.float32)
+    n = jnp.asarray(float(num_tokens), jnp.float32)
+    if name.startswith("pow") and name not in MASK_RATIO_FNS:
+        ratio = 1.0 - r ** float(name[3:])
+    else:
+        ratio = MASK_RATIO_FNS[name](r, n)
+    return jnp.clip(ratio, 1e-6, 1.0) if clip else ratio

@@ -34,6 +34,8 @@ def kind_of(meta: dict) -> Optional[str]:
                 "UViT": "autonat", "FeatureExtractorInceptionV3": "inception"}
     if cls in by_class:
         return by_class[cls]
+    if cls.split(",")[0].strip() == "UViT":  # AutoNAT: "UViT, NATSchedule"
+        return "autonat"
     if cls.startswith("PretrainedTokenizer"):
         return "maskgit_vqgan"
     return None
