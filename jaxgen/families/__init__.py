@@ -22,6 +22,7 @@ _REGISTRY: Dict[str, Tuple[str, str]] = {
     "msvq": ("jaxgen.families.msvq:MSVQFamily", "msvq_tiny"),
     "rar": ("jaxgen.families.rar.family:RARFamily", "rar_tiny:runlocal"),
     "maskgit_vqgan": ("jaxgen.families.maskgit_vqgan:MaskGITVQGANFamily", "maskgit_vqgan_tiny"),
+    "nat": ("jaxgen.families.nat.family:NATFamily", "nat_tiny:runlocal"),
 }
 
 

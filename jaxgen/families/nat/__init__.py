@@ -1,0 +1,1 @@
+"""MaskGIT / AutoNAT: masked-token modeling with parallel decoding under a (searchable) generation policy."""
