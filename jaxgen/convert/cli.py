@@ -2,6 +2,9 @@
 
   python -m jaxgen.convert --family=mar --config=configs/mar_l.py --input=checkpoint-last.pth --output=weights/mar_l
   python -m jaxgen.convert --family=kl_vae --config=configs/kl16.py --input=kl16.ckpt --output=weights/kl16
+  python -m jaxgen.convert --family=nat --config=configs/autonat_l.py --input=nnet_ema.pth --output=weights/autonat_l
+  python -m jaxgen.convert --family=mage_vqgan --config=configs/maskgit_vqgan.py --input=vqgan_jax_strongaug.ckpt \
+      --output=weights/mage_vqgan
 
 The output directory is what `--workdir` (sample/eval), `config.init_from` (fine-tuning) and
 `config.tokenizer.checkpoint` accept.
@@ -30,6 +33,10 @@ CONVERTERS = {
     "msvq": ("jaxgen.convert.var:convert_vqvae", (None,), None),
     "rar": ("jaxgen.convert.rar:convert_rar", (None, "model"), None),
     "maskgit_vqgan": ("jaxgen.convert.maskgit_vqgan:convert_maskgit_vqgan", (None, "model"), None),
+    # MAGE's VQGAN (AutoNAT's tokenizer, taming names) into the MaskGIT-VQGAN layout
+    "mage_vqgan": ("jaxgen.convert.maskgit_vqgan:convert_mage_vqgan", (None, "state_dict"), None),
+    # AutoNAT nnet_ema.pth (backbone 'uvit') or an original MaskGIT flax checkpoint (backbone 'maskgit')
+    "nat": ("jaxgen.convert.nat:convert_nat", (None, "params"), None),
 }
 
 

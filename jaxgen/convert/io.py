@@ -469,7 +469,17 @@ def _sniff(path: str) -> str:
             return "safetensors"
     if (head[:1] == b"\x80" and head[2:14] == _LEGACY_MAGIC[2:]) or _is_tar(path):
         return "legacy"
+    if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):  # a msgpack map: flax serialization
+        return "msgpack"
     return "unknown"
+
+
+def _read_msgpack(path: str) -> Any:
+    """A flax `serialization.to_bytes` file (the original MaskGIT checkpoints): nested dict of numpy arrays."""
+    from flax import serialization
+
+    with open(path, "rb") as fh:
+        return serialization.msgpack_restore(fh.read())
 
 
 def _is_tar(path: str) -> bool:
@@ -497,13 +507,15 @@ def _open(path) -> Tuple[Any, Optional[_TorchArchive]]:
             f"{path} uses PyTorch's legacy (pre-1.6) serialization, which jaxgen cannot read without torch; "
             "re-save it with a recent torch: torch.save(torch.load(p, map_location='cpu'), new_path)")
     if kind == "unknown":
-        raise CheckpointReadError(f"{path} is not a torch (.pth/.ckpt/.pt/.bin), .npz or .safetensors checkpoint; "
-                                  "convert it to one of those")
+        raise CheckpointReadError(f"{path} is not a torch (.pth/.ckpt/.pt/.bin), .npz, .safetensors or flax msgpack "
+                                  "checkpoint; convert it to one of those")
     try:
         if kind == "npz":
             return _read_npz(path), None
         if kind == "safetensors":
             return _read_safetensors(path), None
+        if kind == "msgpack":
+            return _read_msgpack(path), None
         archive = _TorchArchive(path)
         return archive.load(), archive
     except CheckpointReadError:

@@ -163,3 +163,24 @@ def convert_maskgit_vqgan(state_dict: Mapping[str, np.ndarray], config: ConfigLi
         node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
     check_tree_shapes(params, reference, "converted MaskGIT-VQGAN params")
     return params
+
+
+# ----------------------------------------------------------------------------- MAGE's VQGAN (AutoNAT's tokenizer)
+# MAGE's `vqgan_jax_strongaug.ckpt` (used by AutoNAT) is the MaskGIT VQGAN in taming-transformers names: the two mid
+# blocks are mid.block_1 / mid.block_2 and the decoder's upsampling conv is up.i.upsample.conv.
+_MAGE_RENAMES = ((re.compile(r"\.mid\.block_1\."), ".mid.0."), (re.compile(r"\.mid\.block_2\."), ".mid.1."),
+                 (re.compile(r"\.upsample\.conv\."), ".upsample_conv."))
+
+
+def mage_to_maskgit_keys(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _MAGE_RENAMES:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    return out
+
+
+def convert_mage_vqgan(state_dict: Mapping[str, np.ndarray], config: ConfigLike = None) -> dict:
+    """MAGE / AutoNAT VQGAN state dict (taming names) -> MaskGITVQGAN params (see `convert_maskgit_vqgan`)."""
+    return convert_maskgit_vqgan(mage_to_maskgit_keys(state_dict), config)
