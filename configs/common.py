@@ -106,6 +106,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.use_ema = True
     c.sample.grid_per_class = 10  # samples of each class in grid.png (one row per class)
 
+    # --mode=search: tune the sampling knobs of config.sample on a trained model (jaxgen.search)
+    c.search = ml_collections.ConfigDict()
+    c.search.knobs = ()  # config.sample keys to tune; () = everything the family's search_space offers
+    c.search.metric = "digit_fd"  # see jaxgen.search.metrics (lower is better)
+    c.search.num_samples = 1000  # per evaluation, class-balanced, always the same labels and seed
+    c.search.seed = 0
+    c.search.updates = 10  # official AutoNAT: up to 100
+    c.search.momentum = 0.5
+    c.search.grad_clip = 0.0  # 0 = off (official --clip_grad, off by default)
+    c.search.groups = ml_collections.ConfigDict()  # per-group finite-difference settings (official AutoNAT values)
+    c.search.groups.ratio = ml_collections.ConfigDict(dict(delta=0.01, lr=1e-3, lo=0.0, hi=0.99))
+    c.search.groups.scale = ml_collections.ConfigDict(dict(delta=0.1, lr=0.1, lo=1e-4, hi=1e9))
+
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # a tokenizer run's workdir; "" = train one under <workdir>/tokenizer
     c.tokenizer.checkpoint = ""  # or a converted / explicit checkpoint path

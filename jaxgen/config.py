@@ -38,13 +38,39 @@ def load(spec: str, overrides: Optional[Mapping[str, Any]] = None) -> ml_collect
     module = _module(where)
     config = module.get_config(arg) if arg else module.get_config()
     config.lock()
-    for key, value in (overrides or {}).items():
+    apply_overrides(config, overrides or {}, where)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = "the config"):
+    """Set dotted keys of an existing (locked) config; lists become tuples (config sequences are tuples)."""
+    for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
+        value = tuple(value) if isinstance(value, list) else value
         try:
             for p in parents:
                 node = node[p]
             node[leaf] = value
         except (KeyError, AttributeError):
             raise ConfigError(f"config has no key {key!r}; check the spelling against {where}") from None
+        except TypeError as e:
+            raise ConfigError(f"cannot set {key}={value!r}: {e}") from None
     return config
+
+
+def load_overrides_file(path: str) -> dict:
+    """A JSON file of {dotted key: value} (what `--mode=search` writes as best_policy.json)."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"overrides file {path} does not exist; pass a JSON file of {{\"key\": value}}, e.g. "
+                          f"<workdir>/search/best_policy.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ConfigError(f"overrides file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"overrides file {path} must hold one JSON object of {{\"dotted.key\": value}}")
+    return data

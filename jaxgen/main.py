@@ -1,4 +1,5 @@
-"""python -m jaxgen.main --config=configs/<name>.py[:arg] --workdir=DIR [--mode=train|sample|eval|cache] [--config.k=v]
+"""python -m jaxgen.main --config=configs/<name>.py[:arg] --workdir=DIR [--mode=train|sample|eval|cache|search]
+    [--config.k=v] [--overrides=FILE.json]
 
 Thin on purpose: flags, multi-process start-up, then `jaxgen.pipeline.run` (which checks the whole run first).
 Bad input ends in ONE line `jaxgen: error: ...` and a non-zero exit; at the default verbosity nothing from the libraries
@@ -18,7 +19,9 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples. Re-using it resumes.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "cache"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "cache", "search"], "What to do.")
+flags.DEFINE_string("overrides", None, "JSON file of {dotted config key: value} applied after --config.* (e.g. "
+                    "the best_policy.json of --mode=search).")
 
 
 def _fail(message: str, code: int = 2):
@@ -94,6 +97,13 @@ def main(argv, callbacks=()):
     if not FLAGS.workdir:
         _fail("--workdir is required (where checkpoints, logs and samples go), e.g. --workdir=runs/mar_tiny")
     logging.getLogger().setLevel(logging.INFO)
+    if FLAGS.overrides:
+        from jaxgen import config as config_lib
+
+        try:
+            config_lib.apply_overrides(config, config_lib.load_overrides_file(FLAGS.overrides), FLAGS.overrides)
+        except UserError as e:
+            _fail(str(e))
     from jaxgen.utils.host_memory import keep_freed_memory
 
     keep_freed_memory()  # before jax starts its CPU thread pools (see the module)

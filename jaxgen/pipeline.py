@@ -20,7 +20,7 @@ from jaxgen import families, preflight
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.train import export, restore
 
-MODES = ("train", "sample", "eval", "cache")
+MODES = ("train", "sample", "eval", "cache", "search")
 
 
 def save_config(config, workdir: str, name: str = "config") -> None:
@@ -261,4 +261,8 @@ def run(config, workdir: str, mode: str = "train", callbacks: Sequence[Any] = ()
         return sample(config, workdir)
     if mode == "eval":
         return evaluate(config, workdir)
+    if mode == "search":
+        from jaxgen.search import runner
+
+        return runner.run(config, workdir)
     return cache_codes(config, workdir)

@@ -37,9 +37,13 @@ def check(config, workdir: str, mode: str) -> List[Stage]:
     if mode in ("train", "cache") or os.path.isdir(workdir):
         _check_writable(workdir)
     family = families.build(config)
-    if mode in ("sample", "eval"):  # the generator's own weights first, then its tokenizer's
+    if mode in ("sample", "eval", "search"):  # the generator's own weights first, then its tokenizer's
         family.require_sampler()
         _check_values(config)
+        if mode == "search":
+            from jaxgen.search import runner
+
+            runner.check(config, family)
         if mode == "eval" and config.data.source != "digits":
             raise ConfigError("--mode=eval computes the embedded digit metric, which needs a model trained on the "
                               "bundled digits (data.source='digits'); ImageNet FID needs Inception weights (not "

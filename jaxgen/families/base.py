@@ -115,6 +115,17 @@ class Family(abc.ABC):
         """Class-conditional samples as float32 NHWC images in [-1, 1] (settings from config.sample)."""
         raise self._no_sampler_error()
 
+    def search_space(self) -> Dict[str, str]:
+        """The config.sample knobs a policy search may tune (`jaxgen.search`): {key: group}, group 'ratio' (a
+        fraction in [0, 1)) or 'scale' (a positive value: temperatures, guidance). {} = nothing searchable."""
+        return {}
+
+    def sample_with_policy(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array,
+                           policy: Dict[str, jax.Array]) -> jax.Array:
+        """`sample` with the `search_space` knobs given as traced arrays (same shapes as their config values), so
+        one compiled sampler serves every policy a search evaluates."""
+        raise ConfigError(f"family {self.name!r} has no searchable sampling knobs")
+
     @property
     def can_sample(self) -> bool:
         return type(self).sample is not Family.sample

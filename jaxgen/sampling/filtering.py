@@ -17,7 +17,7 @@ def top_k_top_p_filter(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) ->
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(int(top_k), v))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p > 0:
+    if not isinstance(top_p, (int, float)) or top_p > 0:  # a traced top_p (policy search) keeps the filter on
         order = jnp.argsort(logits, axis=-1)  # ascending
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         remove_sorted = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= (1.0 - top_p)

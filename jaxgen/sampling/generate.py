@@ -2,6 +2,8 @@
 
     sampler = Sampler(family, mesh, rules)            # owns the compiled sampler; keep it to sample again for free
     images = sampler.generate(params, frozen, labels, seed, batch_size)
+    images = sampler.generate(..., policy={key: values})   # sampling knobs as traced inputs (policy search):
+                                                          # `family.sample_with_policy`, compiled once for any values
 """
 from __future__ import annotations
 
@@ -35,18 +37,23 @@ class Sampler:
         self.rules = sh.rules_tuple(rules)
         self.data_parallel = max(1, mesh_lib.data_parallel_size(mesh, self.rules))
         self.label_sharding = sh.batch_sharding(mesh, self.rules, 1)
-        self._compiled: Dict[int, Callable] = {}
+        self._compiled: Dict[Any, Callable] = {}
 
-    def _fn(self, batch_size: int):
-        if batch_size not in self._compiled:
-            self._compiled[batch_size] = jax.jit(self.family.sample,
-                                                 in_shardings=(None, None, self.label_sharding, None))
-        return self._compiled[batch_size]
+    def _fn(self, batch_size: int, policy_keys: Optional[tuple] = None):
+        key = (batch_size, policy_keys)
+        if key not in self._compiled:
+            if policy_keys is None:
+                self._compiled[key] = jax.jit(self.family.sample, in_shardings=(None, None, self.label_sharding, None))
+            else:
+                self._compiled[key] = jax.jit(self.family.sample_with_policy,
+                                              in_shardings=(None, None, self.label_sharding, None, None))
+        return self._compiled[key]
 
     def generate(self, params: Any, frozen: Any, labels: np.ndarray, seed: int, batch_size: int,
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, policy: Optional[Dict[str, Any]] = None) -> np.ndarray:
         """All `labels` in fixed-size chunks (the last one padded); uint8 NHWC on the host; progress with images/s
-        and ETA after each chunk."""
+        and ETA after each chunk. `policy`: {config.sample key: value} passed as traced arrays to
+        `family.sample_with_policy` (new values reuse the compiled program)."""
         from jaxgen.train.logger import Progress
 
         shown = Progress("sample", len(labels)) if progress else None
@@ -55,13 +62,16 @@ class Sampler:
         out = []
         t0 = time.time()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            fn = self._fn(batch_size)
+            keys = None if policy is None else tuple(sorted(policy))
+            fn = self._fn(batch_size, keys)
+            extra = () if policy is None else ({k: np.asarray(policy[k], np.float32) for k in keys},)
             for i in range(0, len(labels), batch_size):
                 chunk = labels[i:i + batch_size]
                 n = len(chunk)
                 padded = np.concatenate([chunk, np.zeros(batch_size - n, np.int32)]) if n < batch_size else chunk
                 glabels = jax.make_array_from_callback((batch_size,), self.label_sharding, lambda idx: padded[idx])
-                images = fn(params, frozen, glabels, jax.random.fold_in(jax.random.PRNGKey(seed), i // batch_size))
+                images = fn(params, frozen, glabels, jax.random.fold_in(jax.random.PRNGKey(seed), i // batch_size),
+                            *extra)
                 images = multihost_utils.process_allgather(images, tiled=True)
                 out.append(to_uint8(np.asarray(images, np.float32))[:n])
                 if shown is not None:

@@ -11,6 +11,17 @@ import jax.numpy as jnp
 from jaxgen.errors import ConfigError
 
 
+def is_static(value) -> bool:
+    """A Python / numpy number (a config value) rather than a traced array (a searched policy value)."""
+    return isinstance(value, (int, float, np.number))
+
+
+def guided(scale, off_value: float) -> bool:
+    """Static decision whether guidance runs: a config value equal to `off_value` turns it off; a traced one never
+    does (its value is only known at run time)."""
+    return not is_static(scale) or float(scale) != off_value
+
+
 def mix(cond, uncond, scale):
     """uncond + scale * (cond - uncond), in float32."""
     cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
@@ -27,6 +38,12 @@ def mar_scales(mask_len: np.ndarray, seq_len: int, cfg: float, schedule: str) ->
     """MAR: the scale of each step. 'linear' (Muse, as official): 1 + (cfg - 1) * (L - mask_len) / L, with mask_len the
     still-masked count after the step (so it never reaches full cfg); 'constant': cfg."""
     mask_len = np.asarray(mask_len, np.float64)
+    if not is_static(cfg):  # a traced scale (policy search): the same formula in float32
+        ramp = jnp.asarray((seq_len - mask_len) / seq_len, jnp.float32)
+        if schedule == "linear":
+            return 1.0 + (jnp.asarray(cfg, jnp.float32) - 1.0) * ramp
+        if schedule == "constant":
+            return jnp.full(mask_len.shape, cfg, jnp.float32)
     if schedule == "linear":
         return (1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len).astype(np.float32)
     if schedule == "constant":

@@ -139,5 +139,11 @@ class MARFamily(Family):
                               s.temperature)
 
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        latents = self.sample_tokens(params, labels, rng)
+        return self.sample_with_policy(params, frozen, labels, rng, {})
+
+    def search_space(self):
+        return {"cfg": "scale", "temperature": "scale"}
+
+    def sample_with_policy(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array, policy) -> jax.Array:
+        latents = self.sample_tokens(params, labels, rng, **(policy or {}))
         return self.tokenizer.decode(self.tokenizer_params(frozen), {"latent": latents / self.scale_factor})

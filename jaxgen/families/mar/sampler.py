@@ -40,8 +40,8 @@ def random_orders(rng: jax.Array, batch: int, seq_len: int):
 def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, diffusion, num_iter: int,
                    cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0) -> jax.Array:
     """-> latents (B, h, w, z) NHWC in the scaled token space. `diffusion`: the respaced generation diffusion."""
-    num_iter, cfg = int(num_iter), float(cfg)
-    use_cfg = cfg != 1.0
+    num_iter = int(num_iter)
+    use_cfg = guidance.guided(cfg, 1.0)
     seq_len, tdim = model.seq_len, model.token_dim
     b = labels.shape[0]
     variables = {"params": params}

@@ -27,7 +27,7 @@ from jaxgen.errors import ConfigError
 from jaxgen.families.base import Batch, Family, Metrics, Params
 from jaxgen.families.nat.masking import draw_mask_ratios, masked_cross_entropy, token_mask
 from jaxgen.families.nat.model import backbone_class, init_params
-from jaxgen.families.nat.policy import POLICY_KEYS, maskgit_policy, tables_policy
+from jaxgen.families.nat.policy import maskgit_policy, tables_policy
 from jaxgen.families.nat.sampler import generate_tokens
 from jaxgen.sampling.schedules import check_schedule_name
 
@@ -150,10 +150,36 @@ class NATFamily(Family):
         return super().weight_decay_mask(params)
 
     # --- sampling ----------------------------------------------------------------------------------------------
+    def search_space(self) -> Dict[str, str]:
+        if self.sample_settings.policy != "tables":
+            return {}
+        space = {"mask_ratios": "ratio", "remask_temps": "scale", "sample_temps": "scale"}
+        if self.model.null_label is not None:
+            space["guidance"] = "scale"
+        return space
+
+    def _policy_arrays(self, values: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+        """config-form tables (mask_ratios / remask_temps of T - 1 values, the others T) -> the sampler's four (T,)
+        arrays; keys not in `values` keep the config's."""
+        unknown = sorted(set(values) - set(_TABLE_KEYS))
+        if unknown:
+            raise ConfigError(f"NAT policy values {unknown} are not tables of config.sample ({', '.join(_TABLE_KEYS)})")
+        s = self.sample_settings
+        if s.policy != "tables" and values:
+            raise ConfigError("policy values need config.sample.policy='tables'")
+        if s.policy != "tables":
+            return self.policy
+        get = lambda k: jnp.asarray(values[k] if k in values else getattr(s, k), jnp.float32)  # noqa: E731
+        zero = jnp.zeros((1,), jnp.float32)
+        return {"mask_ratio": jnp.concatenate([get("mask_ratios"), zero]),
+                "remask_temp": jnp.concatenate([get("remask_temps"), zero]),
+                "sample_temp": get("sample_temps"), "guidance": get("guidance")}
+
     def sample_tokens(self, params: Params, labels: jax.Array, rng: jax.Array,
-                      policy: Optional[Dict[str, jax.Array]] = None) -> jax.Array:
-        policy = self.policy if policy is None else {k: jnp.asarray(policy[k], jnp.float32) for k in POLICY_KEYS}
-        return generate_tokens(self.model, params, labels, rng, policy, self.use_guidance)
+                      values: Optional[Dict[str, jax.Array]] = None) -> jax.Array:
+        policy = self.policy if not values else self._policy_arrays(values)
+        guided = self.use_guidance or "guidance" in (values or {})  # static: a searched guidance is always applied
+        return generate_tokens(self.model, params, labels, rng, policy, guided)
 
     def sample_with_policy(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array,
                            policy: Dict[str, jax.Array]) -> jax.Array:
@@ -161,4 +187,5 @@ class NATFamily(Family):
         return self.tokenizer.decode(self.tokenizer_params(frozen), {"indices": tokens})
 
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        return self.sample_with_policy(params, frozen, labels, rng, self.policy)
+        tokens = self.sample_tokens(params, labels, rng)
+        return self.tokenizer.decode(self.tokenizer_params(frozen), {"indices": tokens})

@@ -105,12 +105,20 @@ class RARFamily(Family):
         return jax.tree_util.tree_map_with_path(decay, params)
 
     # --- sampling ----------------------------------------------------------------------------------------------
-    def sample_tokens(self, params: Params, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        s = self.sample_settings
-        return generate_tokens(self.model, params, labels, rng, s.guidance_scale, s.guidance_scale_pow,
-                               s.temperature)
+    def search_space(self):
+        return {"guidance_scale": "scale", "guidance_scale_pow": "scale", "temperature": "scale"}
 
-    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
-        tokens = self.sample_tokens(params, labels, rng)
+    def sample_tokens(self, params: Params, labels: jax.Array, rng: jax.Array, policy=None) -> jax.Array:
+        """policy: {guidance_scale / guidance_scale_pow / temperature: traced value} replacing config.sample's."""
+        s = dataclasses.asdict(self.sample_settings)
+        s.update(policy or {})
+        return generate_tokens(self.model, params, labels, rng, s["guidance_scale"], s["guidance_scale_pow"],
+                               s["temperature"])
+
+    def sample_with_policy(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array, policy) -> jax.Array:
+        tokens = self.sample_tokens(params, labels, rng, policy)
         images = self.tokenizer.decode(self.tokenizer_params(frozen), {"indices": tokens})
         return truncate_to_uint8_grid((images + 1.0) * 0.5)
+
+    def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
+        return self.sample_with_policy(params, frozen, labels, rng, None)

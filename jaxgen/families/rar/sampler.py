@@ -24,7 +24,7 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
     variables = {"params": params}
     b = labels.shape[0]
     seq = model.image_seq_len
-    use_cfg = guidance_scale != 1.0
+    use_cfg = guidance.guided(guidance_scale, 1.0)
     labels = labels.astype(jnp.int32)
     labels_in = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)]) if use_cfg else labels
     caches = model.apply(variables, labels_in.shape[0], method=RAR.init_cache)

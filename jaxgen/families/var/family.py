@@ -142,6 +142,14 @@ class VARFamily(Family):
         """KV-cached CFG sampling (see `autoregressive_infer_cfg`) with config.sample's settings; images NHWC float32
         in [-1, 1]. Call under jit (`jaxgen.sampling.Sampler` does): every scale unrolls into one program, compiled
         once per batch size."""
+        return self.sample_with_policy(params, frozen, labels, rng, {})
+
+    def search_space(self):
+        """cfg, and top_p when the config filters with it (top_k is an integer: not searched)."""
+        return {"cfg": "scale", **({"top_p": "ratio"} if self.sample_settings.top_p > 0 else {})}
+
+    def sample_with_policy(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array, policy) -> jax.Array:
         s = self.sample_settings
+        p = {"cfg": s.cfg, "top_p": s.top_p, **(policy or {})}
         return autoregressive_infer_cfg(self.model, self.tokenizer, params, self.tokenizer_params(frozen), labels,
-                                        rng, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
+                                        rng, cfg=p["cfg"], top_k=s.top_k, top_p=p["top_p"], more_smooth=s.more_smooth)

@@ -48,7 +48,7 @@ def autoregressive_infer_cfg(model: VAR, tokenizer, params: Any, tok_params: Any
     for si, pn in enumerate(pns):
         ratio = si / (n - 1) if n > 1 else 1.0
         x, cache = model.apply(variables, tokens, cond_blocks, cache, method=VAR.blocks_step)
-        logits = guidance.mix_halves(model.apply(variables, x, cond, method=VAR.logits_from), float(scales[si]))
+        logits = guidance.mix_halves(model.apply(variables, x, cond, method=VAR.logits_from), scales[si])
         rng, k_sample, k_gumbel = jax.random.split(rng, 3)
         filtered, idx = sample_tokens(k_sample, logits, top_k, top_p)
         all_idx.append(idx)
