@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --mode=search: tune the sampling knobs of config.sample on a trained model (jaxgen.search)
     c.search = ml_collections.ConfigDict()
+    c.search.target = "policy"  # policy: the sampling knobs | beta: NAT's training Beta(a, b) (greedy line search)
     c.search.knobs = ()  # config.sample keys to tune; () = everything the family's search_space offers
     c.search.metric = "digit_fd"  # see jaxgen.search.metrics (lower is better)
     c.search.num_samples = 1000  # per evaluation, class-balanced, always the same labels and seed
@@ -118,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.groups = ml_collections.ConfigDict()  # per-group finite-difference settings (official AutoNAT values)
     c.search.groups.ratio = ml_collections.ConfigDict(dict(delta=0.01, lr=1e-3, lo=0.0, hi=0.99))
     c.search.groups.scale = ml_collections.ConfigDict(dict(delta=0.1, lr=0.1, lo=1e-4, hi=1e9))
+    c.search.train_steps = 400  # target=beta: steps of each candidate's short training run
+    c.search.beta_step = 1.0  # target=beta: additive step of the line search
+    c.search.beta_rounds = 2  # target=beta: passes over (a, b)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # a tokenizer run's workdir; "" = train one under <workdir>/tokenizer

@@ -43,7 +43,7 @@ def check(config, workdir: str, mode: str) -> List[Stage]:
         if mode == "search":
             from jaxgen.search import runner
 
-            runner.check(config, family)
+            runner.check(config, family, workdir)
         if mode == "eval" and config.data.source != "digits":
             raise ConfigError("--mode=eval computes the embedded digit metric, which needs a model trained on the "
                               "bundled digits (data.source='digits'); ImageNet FID needs Inception weights (not "

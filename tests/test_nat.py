@@ -181,3 +181,39 @@ def test_mage_vqgan_names_map_onto_the_maskgit_layout():
           "decoder.up.3.upsample.conv.weight": 3, "quantize.embedding.weight": 4}
     assert mage_to_maskgit_keys(sd) == {"encoder.mid.0.conv1.weight": 1, "decoder.mid.1.norm2.bias": 2,
                                         "decoder.up.3.upsample_conv.weight": 3, "quantize.embedding.weight": 4}
+
+
+def test_maskgit_flax_msgpack_file_converts_through_the_cli_path(tmp_path):
+    """The original MaskGIT checkpoint format (flax msgpack of {'params': ...}) is read without TensorFlow."""
+    from flax import serialization
+
+    from jaxgen import config as config_lib
+    from jaxgen.convert.cli import convert
+    from jaxgen.train import export
+
+    config = config_lib.load("nat_tiny:maskgit")
+    from jaxgen import families
+
+    fam = families.build(config)
+    params = jax.tree_util.tree_map(np.asarray, unbox(jax.jit(fam.init)(jax.random.PRNGKey(0))))
+    m = fam.model
+    d, h = m.hidden_size, m.num_heads
+    tree = {"Embed_0": {"word_embeddings": {"embedding": params["embeddings"]["word_embeddings"]["embedding"]},
+                        "position_embeddings": {"embedding": params["embeddings"]["position_embeddings"]["embedding"]},
+                        "embeddings_ln": params["embeddings"]["LayerNorm"]}}
+    for i in range(m.depth):
+        blk = params[f"blocks_{i}"]
+        qkv, qb = blk["attn"]["qkv"]["kernel"], blk["attn"]["qkv"]["bias"]
+        att = {n: {"kernel": qkv[:, j * d:(j + 1) * d].reshape(d, h, -1), "bias": qb[j * d:(j + 1) * d].reshape(h, -1)}
+               for j, n in enumerate(("query", "key", "value"))}
+        att["out"] = {"kernel": blk["attn"]["proj"]["kernel"].reshape(h, -1, d), "bias": blk["attn"]["proj"]["bias"]}
+        tree[f"TransformerLayer_{i}"] = {
+            "Attention_0": {"self_attention": att, "attention_output_ln": blk["norm1"]},
+            "Mlp_0": {"intermediate_output": blk["mlp"]["fc1"], "layer_output": blk["mlp"]["fc2"],
+                      "layer_output_ln": blk["norm2"]}}
+    mlm = params["mlm_layer"]
+    tree["MlmLayer_0"] = {"mlm_dense": mlm["fc"], "mlm_ln": mlm["ln"], "mlm_bias": {"bias": mlm["bias"].reshape(-1)}}
+    path = tmp_path / "maskgit_imagenet256_checkpoint"
+    path.write_bytes(serialization.msgpack_serialize({"params": tree}))
+    convert("nat", config, str(path), str(tmp_path / "out"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, export.load_params(str(tmp_path / "out")), params)

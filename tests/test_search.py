@@ -134,3 +134,26 @@ def test_search_config_errors_are_one_line():
     config.search.metric = "fid"
     with pytest.raises(ConfigError, match="unknown config.search.metric 'fid'"):
         runner.check(config, families.build(config))
+
+
+def test_greedy_line_search_walks_one_parameter_at_a_time():
+    from jaxgen.search.beta_line_search import greedy_line_search
+
+    seen = []
+
+    def f(a, b):
+        seen.append((a, b))
+        return (a - 9.0) ** 2 + (b - 5.0) ** 2
+
+    best, value = greedy_line_search(f, (12.0, 3.0), 1.0, 2)
+    assert best == (9.0, 5.0) and value == 0.0
+    assert seen[:5] == [(12.0, 3.0), (13.0, 3.0), (11.0, 3.0), (10.0, 3.0), (9.0, 3.0)]
+
+
+def test_beta_search_needs_a_beta_nat_config():
+    from jaxgen.search import runner
+
+    config = config_lib.load("rar_tiny:runlocal")
+    config.search.target = "beta"
+    with pytest.raises(ConfigError, match="Beta"):
+        runner.check(config, families.build(config))

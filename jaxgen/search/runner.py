@@ -43,9 +43,12 @@ def groups_of(config):
     return {name: Group(**dict(g)) for name, g in dict(config.search.groups).items()}
 
 
-def check(config, family) -> None:
-    """Everything --mode=search needs from the config, before weights load."""
+def check(config, family, workdir: str = "") -> None:
+    """Everything --mode=search needs from the config, before weights load; a saved search in the workdir must
+    have the same settings (it is resumed)."""
     s = config.search
+    if s.target not in ("policy", "beta"):
+        raise ConfigError(f"config.search.target must be 'policy' or 'beta', got {s.target!r}")
     if s.metric in metrics.DIGIT_METRICS and config.data.source != "digits":
         raise ConfigError(f"config.search.metric={s.metric!r} needs a model of the bundled digits "
                           f"(data.source='digits')")
@@ -54,11 +57,33 @@ def check(config, family) -> None:
     if s.num_samples < int(config.data.num_classes) or s.updates < 0 or not 0 <= s.momentum < 1:
         raise ConfigError("config.search needs num_samples >= the number of classes, updates >= 0 and momentum in "
                           "[0, 1)")
+    if s.target == "beta":
+        from jaxgen.search import beta_line_search
+
+        return beta_line_search.check(config)
     knobs, _ = knobs_of(config, family)
     try:
         FiniteDifferenceSearch(knobs, groups_of(config), s.momentum, s.grad_clip)
     except ValueError as e:
         raise ConfigError(f"config.search.groups: {e}") from None
+    if workdir:
+        _saved_state(config, knobs, workdir)
+
+
+def _saved_state(config, knobs, workdir: str):
+    """The SearchState saved in <workdir>/search (None if none); a different search setup there is an error."""
+    path = os.path.join(workdir, "search", "state.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:
+        raise ConfigError(f"{path} is not readable JSON; delete it to start the search over") from None
+    if saved.get("setup") != _setup(config, knobs):
+        raise ConfigError(f"{path} is a search with other settings ({saved.get('setup')}); use another --workdir or "
+                          f"delete {os.path.dirname(path)} to start over")
+    return SearchState.from_json(saved["state"])
 
 
 def _setup(config, knobs) -> dict:
@@ -83,6 +108,11 @@ def policy_overrides(knobs, theta) -> dict:
 def run(config, workdir: str) -> dict:
     from jaxgen import pipeline, sampling
 
+    if config.search.target == "beta":
+        from jaxgen.search import beta_line_search
+
+        return beta_line_search.run(config, workdir)
+
     family, params, frozen, mesh = pipeline.load_for_sampling(config, workdir, "search")
     s = config.search
     knobs, values = knobs_of(config, family)
@@ -95,13 +125,8 @@ def run(config, workdir: str) -> dict:
     os.makedirs(out, exist_ok=True)
     state_path = os.path.join(out, "state.json")
     setup = _setup(config, knobs)
-    if os.path.exists(state_path):
-        with open(state_path) as f:
-            saved = json.load(f)
-        if saved["setup"] != setup:
-            raise ConfigError(f"{state_path} is a search with other settings ({saved['setup']}); use another "
-                              f"--workdir or delete {out} to start over")
-        state = SearchState.from_json(saved["state"])
+    state = _saved_state(config, knobs, workdir)
+    if state is not None:
         logging.info("search: resuming at update %d (%d evaluations done)", state.update, state.evaluations)
     else:
         state = fd.initial_state(values)
