@@ -7,7 +7,7 @@ schedule scaled down). Sampling: 8 parallel-decoding steps under AutoNAT's searc
 re-mask temperatures 1 -> 0.25, sampling temperatures 1, guidance k / T); `--mode=search` improves it.
 
 Variants (`configs/nat_tiny.py:<arg>`):
-  runlocal  a few steps of each stage (smoke test of the whole pipeline)
+  runlocal  a few steps of each stage and 4 decoding steps (smoke test of the whole pipeline)
   maskgit   the MaskGIT recipe on the same data: BERT backbone, cosine-schedule masking, cosine decoding with
             choice temperature 4.5, no guidance
 """
@@ -90,4 +90,8 @@ def get_config(arg=None):
         tok.batch_size, tok.total_steps, tok.log_every, tok.checkpoint_every = 16, 10, 5, 5
         tok.optim.warmup_steps = 2
         c.sample.num_per_class, c.sample.batch_size = 2, 20
+        if s.policy == "tables":  # 4 decoding steps: a quicker smoke test (and 14 search knobs instead of 30)
+            s.steps = 4
+            for key, value in cosine_start(4).items():
+                s[key] = tuple(value)
     return c

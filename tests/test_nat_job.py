@@ -32,15 +32,15 @@ def test_search_resumes_and_its_policy_is_an_override(trained):
     proc = run_main([CONFIG, f"--workdir={trained}", *SEARCH, "--config.search.updates=1"])
     assert proc.returncode == 0, tail(proc)
     state = json.load(open(trained / "search" / "state.json"))["state"]
-    assert state["update"] == 1 and state["evaluations"] == 1 + 8 + 1  # base, 8 guidance entries, new base
+    assert state["update"] == 1 and state["evaluations"] == 1 + 4 + 1  # base, 4 guidance entries, new base
     first = state["history"]
     proc = run_main([CONFIG, f"--workdir={trained}", *SEARCH, "--config.search.updates=2"])
     assert proc.returncode == 0, tail(proc)
     state = json.load(open(trained / "search" / "state.json"))["state"]
     assert "resuming at update 1" in proc.stderr
-    assert state["update"] == 2 and state["evaluations"] == 19 and state["history"][:2] == first
+    assert state["update"] == 2 and state["evaluations"] == 11 and state["history"][:2] == first
     best = json.load(open(trained / "search" / "best_policy.json"))
-    assert list(best) == ["sample.guidance"] and len(best["sample.guidance"]) == 8
+    assert list(best) == ["sample.guidance"] and len(best["sample.guidance"]) == 4
     header = open(trained / "search" / "history.csv").readline()
     assert header.startswith("update,metric,guidance[0]")
 
@@ -51,7 +51,7 @@ def test_search_resumes_and_its_policy_is_an_override(trained):
     other = run_main([CONFIG, f"--workdir={trained}", *SEARCH, "--config.search.seed=5"])
     assert_one_line_error(other, "search with other settings")
     bad = trained / "bad.json"
-    bad.write_text(json.dumps({"sample.guidanse": [0.0] * 8}))
+    bad.write_text(json.dumps({"sample.guidanse": [0.0] * 4}))
     assert_one_line_error(run_main([CONFIG, f"--workdir={trained}", "--mode=sample", f"--overrides={bad}"]),
                           "no key 'sample.guidanse'")
 
