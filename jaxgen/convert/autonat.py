@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from jaxgen import strict
-from jaxgen.convert.torch_layout import check_tree_shapes
+from jaxgen.convert.torch_layout import check_tree_shapes, model_fields
 from jaxgen.families.nat.model import UViT, abstract_params, backbone_from_fields
 
 StateDict = Mapping[str, np.ndarray]
@@ -63,13 +63,7 @@ def fields_from_state_dict(shapes: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _model_fields(config) -> Dict[str, Any]:
-    if config is None:
-        return {}
-    model = config.get("model") if hasattr(config, "get") else None
-    src = model if model is not None else config
-    fields = dict(src.to_dict() if hasattr(src, "to_dict") else src)
-    fields.pop("backbone", None)
-    return fields
+    return model_fields(config, drop=("backbone",))
 
 
 def build_uvit(state_dict_or_shapes: Mapping[str, Any], config=None) -> UViT:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from jaxgen import strict
-from jaxgen.convert.torch_layout import check_tree_shapes
+from jaxgen.convert.torch_layout import check_tree_shapes, model_fields
 from jaxgen.families.nat.model import MaskGITTransformer, abstract_params, backbone_from_fields
 
 DEFAULT_CODEBOOK = 1024  # the MaskGIT VQGAN's
@@ -46,13 +46,7 @@ def fields_from_checkpoint(sd: Mapping[str, Any], codebook_size: int = DEFAULT_C
 
 
 def _model_fields(config) -> Dict[str, Any]:
-    if config is None:
-        return {}
-    model = config.get("model") if hasattr(config, "get") else None
-    src = model if model is not None else config
-    fields = dict(src.to_dict() if hasattr(src, "to_dict") else src)
-    fields.pop("backbone", None)
-    return fields
+    return model_fields(config, drop=("backbone",))
 
 
 def convert_maskgit(state_dict: Mapping[str, np.ndarray], config=None, check: bool = True) -> Dict[str, Any]:

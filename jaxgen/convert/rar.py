@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping
 
 import numpy as np
 
-from jaxgen.convert.torch_layout import check_tree_shapes
+from jaxgen.convert.torch_layout import check_tree_shapes, model_fields
 from jaxgen import strict
 from jaxgen.families.rar.model import (POS_EXTRA_ROWS, RAR, RAR_SIZES, TIMESTEP_EXTRA_ROWS, abstract_params,
                                        rar_fields, rar_from_fields)
@@ -83,12 +83,7 @@ def rar_fields_from_state_dict(shapes: Mapping[str, Any]) -> Dict[str, int]:
 
 
 def _model_fields(config) -> Dict[str, Any]:
-    """A plain mapping of RAR fields, or a run config whose `model` is one (ConfigDict or dict)."""
-    if config is None:
-        return {}
-    model = config.get("model") if hasattr(config, "get") else getattr(config, "model", None)
-    src = model if model is not None else config
-    return dict(src.to_dict() if hasattr(src, "to_dict") else src)
+    return model_fields(config)
 
 
 def _set(tree: Dict[str, Any], path, value) -> None:

@@ -8,6 +8,19 @@ import numpy as np
 StateDict = Mapping[str, np.ndarray]
 
 
+def model_fields(config, drop=()) -> Dict[str, Any]:
+    """The model fields a converter is given: config.model of a run config (ConfigDict or dict), or a plain mapping
+    of fields; keys in `drop` (selectors such as NAT's `backbone`) removed. None -> {}."""
+    if config is None:
+        return {}
+    model = config.get("model") if hasattr(config, "get") else getattr(config, "model", None)
+    src = model if model is not None else config
+    fields = dict(src.to_dict() if hasattr(src, "to_dict") else src)
+    for key in drop:
+        fields.pop(key, None)
+    return fields
+
+
 def linear(sd: StateDict, prefix: str, bias: bool = True) -> Dict[str, np.ndarray]:
     """torch Linear weight (out, in) -> {'kernel': (in, out), 'bias': (out,)}."""
     out = {"kernel": np.ascontiguousarray(np.asarray(sd[prefix + ".weight"], np.float32).T)}

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from jaxgen.convert.torch_layout import check_tree_shapes
+from jaxgen.convert.torch_layout import check_tree_shapes, model_fields
 
 StateDict = Mapping[str, np.ndarray]
 
@@ -142,12 +142,7 @@ def vqvae_abstract_params(sd_or_shapes: Mapping[str, Any], config: Optional[Mapp
 
 # ----------------------------------------------------------------------------- VAR transformer
 def _model_fields(config) -> Dict[str, Any]:
-    """config.model of a run config, or a plain mapping of model fields."""
-    if config is None:
-        return {}
-    model = config.get("model") if hasattr(config, "get") else None
-    src = model if model is not None else config
-    return dict(src.to_dict() if hasattr(src, "to_dict") else src)
+    return model_fields(config)
 
 
 def var_arch_from_state_dict(shapes: Mapping[str, Any]) -> Dict[str, Any]:
