@@ -74,3 +74,12 @@ class Dropout(nn.Module):
         if deterministic or self.rate <= 0.0:
             return x
         return dropout(x, self.rate, self.make_rng("dropout"))
+
+
+def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: int) -> jax.Array:
+    """Classifier-free-guidance training: each label becomes `null_label` with probability `rate` (one uniform draw
+    per label, as the official RAR / VAR / AutoNAT code)."""
+    labels = jnp.asarray(labels, jnp.int32)
+    if rate <= 0:
+        return labels
+    return jnp.where(jax.random.uniform(rng, labels.shape) < rate, null_label, labels)

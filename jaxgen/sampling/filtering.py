@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxgen.sampling.guidance import is_static
+
 
 def top_k_top_p_filter(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
     """Official VAR `sample_with_top_k_top_p_` masking (returns the logits with removed entries at -inf).
@@ -17,7 +19,7 @@ def top_k_top_p_filter(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) ->
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(int(top_k), v))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if not isinstance(top_p, (int, float)) or top_p > 0:  # a traced top_p (policy search) keeps the filter on
+    if not is_static(top_p) or top_p > 0:  # a traced top_p (policy search) keeps the filter on
         order = jnp.argsort(logits, axis=-1)  # ascending
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         remove_sorted = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= (1.0 - top_p)

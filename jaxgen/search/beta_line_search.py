@@ -89,6 +89,7 @@ def run(config, workdir: str) -> Dict[str, float]:
     path = os.path.join(out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     metric = metrics_lib.build(s.metric)
+    shared = {}  # one Sampler for every candidate: the params are arguments, so it compiles once
 
     def evaluate(a: float, b: float) -> float:
         key = _key(a, b)
@@ -103,8 +104,10 @@ def run(config, workdir: str) -> Dict[str, float]:
         family, params, frozen, mesh = pipeline.load_for_sampling(trial, trial_dir, "sample")
         labels = sampling.class_labels(int(config.data.num_classes),
                                        max(1, int(s.num_samples) // int(config.data.num_classes)))
-        images = sampling.Sampler(family, mesh, config.mesh.rules).generate(
-            params, frozen, labels, int(s.seed), config.sample.batch_size, progress=False)
+        if "sampler" not in shared:
+            shared["sampler"] = sampling.Sampler(family, mesh, config.mesh.rules)
+        images = shared["sampler"].generate(params, frozen, labels, int(s.seed), config.sample.batch_size,
+                                            progress=False)
         results[key] = float(metric(images, labels))
         _write_json(path, results)
         logging.info("beta search: Beta(%g, %g): %s = %.4f", a, b, s.metric, results[key])

@@ -91,7 +91,7 @@ class NATSample:
         else:
             check_schedule_name(self.schedule or "cosine")
 
-    def arrays(self, seq_len: int) -> Dict[str, np.ndarray]:
+    def arrays(self, seq_len: int) -> Dict[str, jax.Array]:
         if self.policy == "tables":
             return tables_policy(self.steps, self.mask_ratios, self.remask_temps, self.sample_temps, self.guidance)
         temp = 4.5 if self.choice_temperature is None else self.choice_temperature
@@ -159,21 +159,14 @@ class NATFamily(Family):
         return space
 
     def _policy_arrays(self, values: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-        """config-form tables (mask_ratios / remask_temps of T - 1 values, the others T) -> the sampler's four (T,)
-        arrays; keys not in `values` keep the config's."""
+        """config-form tables (traced) -> the sampler's four (T,) arrays; keys not in `values` keep the config's."""
         unknown = sorted(set(values) - set(_TABLE_KEYS))
         if unknown:
             raise ConfigError(f"NAT policy values {unknown} are not tables of config.sample ({', '.join(_TABLE_KEYS)})")
         s = self.sample_settings
-        if s.policy != "tables" and values:
-            raise ConfigError("policy values need config.sample.policy='tables'")
         if s.policy != "tables":
-            return self.policy
-        get = lambda k: jnp.asarray(values[k] if k in values else getattr(s, k), jnp.float32)  # noqa: E731
-        zero = jnp.zeros((1,), jnp.float32)
-        return {"mask_ratio": jnp.concatenate([get("mask_ratios"), zero]),
-                "remask_temp": jnp.concatenate([get("remask_temps"), zero]),
-                "sample_temp": get("sample_temps"), "guidance": get("guidance")}
+            raise ConfigError("policy values need config.sample.policy='tables'")
+        return tables_policy(s.steps, **{k: values.get(k, getattr(s, k)) for k in _TABLE_KEYS})
 
     def sample_tokens(self, params: Params, labels: jax.Array, rng: jax.Array,
                       values: Optional[Dict[str, jax.Array]] = None) -> jax.Array:

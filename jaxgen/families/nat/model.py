@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxgen import strict
 from jaxgen.nn.bert import BertEmbeddings, MlmHead
+from jaxgen.nn.dropout import drop_labels
 from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain
 from jaxgen.nn.transformer import Block, PostLNBlock
 
@@ -84,17 +85,12 @@ class UViT(nn.Module):
         self.mlm_layer = MlmHead(d, self.codebook_size + 1, act="gelu_exact", norm_eps=self.norm_eps,
                                  detach_table=True, **kw)
 
-    def _drop_labels(self, labels, train: bool):
-        labels = jnp.asarray(labels, jnp.int32)
-        if train and self.class_drop_prob > 0:
-            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.class_drop_prob
-            labels = jnp.where(drop, self.null_label, labels)
-        return labels
-
     def __call__(self, ids, labels, train: bool = False):
         det = not train
         x = self.token_emb(ids, deterministic=det)
-        ctx = self.context_embed(self._drop_labels(labels, train)[:, None], deterministic=True)
+        if train and self.class_drop_prob > 0:
+            labels = drop_labels(self.make_rng("dropout"), labels, self.class_drop_prob, self.null_label)
+        ctx = self.context_embed(jnp.asarray(labels, jnp.int32)[:, None], deterministic=True)
         self.sow("intermediates", "token_emb_out", x)
         self.sow("intermediates", "context_embed_out", ctx)
         x = constrain(jnp.concatenate([ctx, x], axis=1), ("batch", "length", "embed"))

@@ -17,8 +17,10 @@ The values are traced inputs of the compiled sampler, so a policy search re-eval
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Dict
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.sampling.schedules import check_schedule_name, mask_ratio
@@ -39,18 +41,19 @@ AUTONAT_L_T8 = dict(
 )
 
 
-def tables_policy(steps: int, mask_ratios: Sequence[float], remask_temps: Sequence[float],
-                  sample_temps: Sequence[float], guidance: Sequence[float]) -> Dict[str, np.ndarray]:
-    """AutoNAT's manual_* lists -> the four (T,) arrays (the last step's ratio and re-mask temperature are 0)."""
+def tables_policy(steps: int, mask_ratios, remask_temps, sample_temps, guidance) -> Dict[str, jax.Array]:
+    """AutoNAT's manual_* lists (or traced arrays of those lengths) -> the four (T,) float32 arrays (the last step's
+    ratio and re-mask temperature are 0)."""
     want = {"mask_ratios": (mask_ratios, steps - 1), "remask_temps": (remask_temps, steps - 1),
             "sample_temps": (sample_temps, steps), "guidance": (guidance, steps)}
     for name, (values, n) in want.items():
-        if len(values) != n:
-            raise ValueError(f"config.sample.{name} has {len(values)} values; steps={steps} needs {n}")
-    return {"mask_ratio": np.asarray(list(mask_ratios) + [0.0], np.float32),
-            "remask_temp": np.asarray(list(remask_temps) + [0.0], np.float32),
-            "sample_temp": np.asarray(sample_temps, np.float32),
-            "guidance": np.asarray(guidance, np.float32)}
+        if np.shape(values) != (n,):
+            raise ValueError(f"config.sample.{name} has {np.size(values)} values; steps={steps} needs {n}")
+    zero = jnp.zeros((1,), jnp.float32)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    return {"mask_ratio": jnp.concatenate([f32(mask_ratios), zero]),
+            "remask_temp": jnp.concatenate([f32(remask_temps), zero]),
+            "sample_temp": f32(sample_temps), "guidance": f32(guidance)}
 
 
 def maskgit_policy(steps: int, schedule: str, choice_temperature: float, seq_len: int) -> Dict[str, np.ndarray]:
@@ -68,12 +71,3 @@ def cosine_start(steps: int) -> Dict[str, list]:
     return {"mask_ratios": np.cos(k * math.pi / 2)[1:-1].tolist(), "remask_temps": (1.0 - k)[:-2].tolist(),
             "sample_temps": [1.0] * steps, "guidance": k[1:].tolist()}
 
-
-def mask_lengths(mask_ratios: np.ndarray, seq_len: int) -> np.ndarray:
-    """Host copy of the sampler's re-mask counts (for docs / tests): the tokens left masked after each step."""
-    masked, out = seq_len, []
-    for r in np.asarray(mask_ratios, np.float32):
-        n = int(max(1, min(masked - 1, math.floor(np.float32(seq_len) * r))))
-        out.append(n)
-        masked = n
-    return np.asarray(out)

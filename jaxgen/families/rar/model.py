@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxgen import strict
 from jaxgen.nn.attention import KVCache
+from jaxgen.nn.dropout import drop_labels
 from jaxgen.nn.layers import Dense, Dtype, Embed, constrain, with_axes
 from jaxgen.nn.transformer import AdaLNFinalNorm, AdaLNZeroBlock
 
@@ -141,11 +142,9 @@ class RAR(nn.Module):
         return self.lm_head(self.adaln_before_head(x, c)).astype(jnp.float32)
 
     def _drop_labels(self, labels, train: bool):
-        labels = jnp.asarray(labels, jnp.int32)
         if train and self.class_drop_prob > 0:
-            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.class_drop_prob
-            labels = jnp.where(drop, self.null_label, labels)
-        return labels
+            return drop_labels(self.make_rng("dropout"), labels, self.class_drop_prob, self.null_label)
+        return jnp.asarray(labels, jnp.int32)
 
     # ---- teacher forcing ----------------------------------------------------------------------------------------
     def forward_logits(self, tokens, labels, orders=None, train: bool = False):

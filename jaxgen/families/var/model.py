@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxgen import strict
 from jaxgen.nn.attention import dot_product_attention
+from jaxgen.nn.dropout import drop_labels
 from jaxgen.nn.layers import Dense, DropPath, Embed, LayerNorm, constrain, gelu_tanh, with_axes
 
 Dtype = Any
@@ -306,8 +307,7 @@ class VAR(nn.Module):
     def __call__(self, labels, x_wo_first, train: bool = False):
         b = labels.shape[0]
         if train and self.cond_drop_rate > 0:
-            drop = jax.random.uniform(self.make_rng("dropout"), (b,)) < self.cond_drop_rate
-            labels = jnp.where(drop, self.num_classes, labels)
+            labels = drop_labels(self.make_rng("dropout"), labels, self.cond_drop_rate, self.num_classes)
         cond, cond_blocks = self.cond_features(labels)
         sos = jnp.broadcast_to(cond[:, None], (b, self.first_l, self.embed_dim)) + self.pos_start.astype(jnp.float32)
         x = jnp.concatenate([sos, self.word_embed(x_wo_first.astype(jnp.float32)).astype(jnp.float32)], axis=1)
