@@ -167,7 +167,9 @@ def test_sample_tokens_compiles_once_and_is_finite(family, params, monkeypatch):
     p = _perturbed(params)
     a = fn(p, jnp.array([1, 2], jnp.int32), jax.random.PRNGKey(7))
     b = fn(p, jnp.array([3, 4], jnp.int32), jax.random.PRNGKey(8))
-    assert traces == {"fn": 1, "head": 1}  # one trace, and the step body (one fori_loop) traced once
+    # One trace; the step body (one fori_loop) traced once, with one diffusion branch per revealed-count bucket.
+    plan = sampler_mod.sampling_plan(family.model, 4)
+    assert traces == {"fn": 1, "head": len(plan["diffusion_sizes"])}
     assert a.shape == b.shape == (2, 4, 4, 4)
     assert np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()
     assert not np.allclose(np.asarray(a), np.asarray(b))
@@ -225,3 +227,67 @@ def test_one_token_per_step_when_num_iter_equals_seq_len(family, params, monkeyp
     for row in tokens:
         assert (row >= 1.0).all()  # every position written
         assert len(np.unique(row)) == seq_len  # by seq_len different steps: one token per step
+
+
+def _echo_sampler():
+    """Stand-in for diffloss_sample that returns (a function of) its conditions: the final tokens then depend on
+    every encoder / decoder output the sampler used, so two samplers agree only if those agree."""
+
+    def fake(net, z, rng, diffusion, temperature=1.0, cfg=1.0, guided=None, channels=None, **_):
+        return jnp.tanh(z[:, :channels]) * cfg
+
+    return fake
+
+
+def test_encoder_buckets_give_the_full_length_result(family, params, monkeypatch):
+    """The encoder runs on buffer + a bucket of the order's last tokens; any bucketing (and the full sequence, as
+    without buckets) gives the same tokens: masked rows are no keys and every visible token is in the bucket."""
+    monkeypatch.setattr(sampler_mod, "diffloss_sample", _echo_sampler())
+    p = _perturbed(params)
+    labels, rng = jnp.array([1, 7], jnp.int32), jax.random.PRNGKey(12)
+
+    def run(**kw):
+        return np.asarray(jax.jit(lambda p_: family.sample_tokens(p_, labels, rng, num_iter=6, cfg=2.0,
+                                                                  num_sampling_steps="4", **kw))(p))
+
+    exact = run(encoder_buckets=16)
+    assert np.abs(exact).max() > 0.05
+    for buckets in (1, 2, 3):
+        np.testing.assert_allclose(run(encoder_buckets=buckets), exact, atol=2e-5)
+    real = sampler_mod.size_buckets
+    calls = []
+
+    def full_encoder(counts, max_buckets, cost=None):  # first call: the encoder -> one full-length bucket
+        calls.append(1)
+        if len(calls) == 1:
+            return (family.seq_len,), np.zeros(len(counts), np.int32)
+        return real(counts, max_buckets, cost)
+
+    monkeypatch.setattr(sampler_mod, "size_buckets", full_encoder)
+    np.testing.assert_allclose(run(encoder_buckets=16), exact, atol=2e-5)
+
+
+def test_diffusion_buckets_keep_the_revealed_count(family, params, monkeypatch):
+    """Any diffusion bucketing writes exactly num_pred[k] tokens at step k (the padded rows are dropped)."""
+    seq_len, num_iter = 16, 4
+    _, num_pred = mar_mask_schedule(seq_len, num_iter)
+    monkeypatch.setattr(sampler_mod, "diffloss_sample", _marking_sampler(lambda rng, c: c))
+    for buckets in (1, 2, 16):
+        out = jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=num_iter, cfg=3.0, num_sampling_steps="4",
+                                                           diffusion_buckets=buckets))(
+            params, jnp.array([0, 1], jnp.int32), jax.random.PRNGKey(13))
+        row = np.asarray(out).reshape(2, seq_len, -1)[0, :, 0]
+        _, counts = np.unique(row, return_counts=True)
+        np.testing.assert_array_equal(counts, num_pred)  # cfg scales grow with k, so sorted values = step order
+
+
+@pytest.mark.parametrize("num_iter", [64, 256])
+def test_paper_settings_run_the_official_work(num_iter):
+    """MAR-B at the papers' step counts: the diffusion head samples exactly the 256 tokens of an image (the
+    official count), and the encoder runs on at most ~20% more tokens than the official buffer + visible."""
+    from jaxgen.families.mar.model import MAR
+
+    plan = sampler_mod.sampling_plan(MAR(encoder_embed_dim=768, buffer_size=64), num_iter)
+    assert plan["diffusion_rows"] == plan["diffusion_rows_official"] == 256
+    assert plan["encoder_tokens_official"] <= plan["encoder_tokens"] <= 1.2 * plan["encoder_tokens_official"]
+    assert len(plan["encoder_sizes"]) <= 6

@@ -3,7 +3,8 @@
 Config read:
   config.model              the MAR module's fields (jaxgen.families.mar.model.MAR), built strictly; includes the
                             official constructor's mask_ratio_min and diffusion_batch_mul
-  config.sample             num_iter, cfg, cfg_schedule, temperature, num_sampling_steps (`MARSample`)
+  config.sample             num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, encoder_buckets,
+                            diffusion_buckets (`MARSample`)
   config.data.cache         True -> batches hold the tokenizer's moments (B, h, w, 2z) from --mode=cache;
                             False -> batches hold images and the tokenizer encodes inside the loss
   config.tokenizer.config   the KL-VAE tokenizer's run config; its `scale_factor` scales the latents
@@ -37,6 +38,10 @@ class MARSample:
     cfg_schedule: str = "linear"  # linear (official) | constant
     temperature: float = 1.0
     num_sampling_steps: str = "100"  # DDPM respacing of the diffusion head
+    # Most compiled sizes for the encoder's tokens / the diffusion head's rows per AR step (jaxgen.sampling.buckets):
+    # more = less padded work, longer compile. 16 covers every distinct revealed count at 64 and 256 steps (exact).
+    encoder_buckets: int = 6
+    diffusion_buckets: int = 16
 
 
 def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float = 0.7) -> jax.Array:
@@ -136,7 +141,7 @@ class MARFamily(Family):
         diffusion = self.gen_diffusion if s.num_sampling_steps == self.sample_settings.num_sampling_steps else \
             create_diffusion(timestep_respacing=str(s.num_sampling_steps), noise_schedule="cosine")
         return sample_latents(self.model, params, labels, rng, diffusion, s.num_iter, s.cfg, s.cfg_schedule,
-                              s.temperature)
+                              s.temperature, s.encoder_buckets, s.diffusion_buckets)
 
     def sample(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array) -> jax.Array:
         return self.sample_with_policy(params, frozen, labels, rng, {})

@@ -8,6 +8,8 @@ Static shapes. The official encoder DROPS masked tokens (ragged across calls, sa
 - `num_keep=K` (static int): the encoder gathers the buffer + the first K visible tokens of each row (in position
   order), runs on that shorter sequence and scatters back (masked rows = 0). Exact as long as every row has
   <= K visible tokens; training with mask ratio >= 0.7 can use `max_visible(seq_len, 0.7)` and run ~3x cheaper.
+- `keep_index` ((B, S) static S): the encoder runs on exactly those rows of buffer + L (the sampler passes the
+  buffer + the tokens of its size bucket; masked ones among them are no keys), as the official runs on the visible.
 The decoder always runs on the full length, as the official one does.
 
 Token layout: jaxgen latents are NHWC (B, h, w, C); `patchify` orders token channels (c, p, q) like the official
@@ -155,11 +157,15 @@ class MAR(nn.Module):
         return jnp.concatenate([buf, ~masked], axis=1)
 
     # ---- encoder / decoder --------------------------------------------------------------------------------------
-    def forward_mae_encoder(self, tokens, mask, class_emb, train: bool = False, num_keep: Optional[int] = None):
+    def forward_mae_encoder(self, tokens, mask, class_emb, train: bool = False, num_keep: Optional[int] = None,
+                            keep_index: Optional[jax.Array] = None):
         """tokens (B, L, Ct), mask (B, L) 1 = masked, class_emb (B, D) -> (B, buffer + L, D).
 
         Label drop (p = label_drop_prob, replace by fake_latent) happens here when `train`, with the 'dropout' rng,
         as in the official encoder. Rows of masked tokens in the output are arbitrary (see module docstring).
+        `num_keep` (static) runs the blocks on the buffer + the first num_keep visible tokens only; `keep_index`
+        ((B, S) indices into buffer + L, static S) on exactly those rows, of which the masked ones are no keys.
+        Either way the rows left out come back as 0.
         """
         b = tokens.shape[0]
         d = self.encoder_embed_dim
@@ -174,17 +180,17 @@ class MAR(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         visible = self._visible_with_buffer(mask)
 
-        if num_keep is None or num_keep >= self.seq_len:
+        if keep_index is None and num_keep is not None and num_keep < self.seq_len:
+            # Buffer + num_keep tokens, visible first in increasing position (stable sort keeps the order).
+            keep_index = jnp.argsort((~visible).astype(jnp.int32), axis=1, stable=True)[:, :self.buffer_size + num_keep]
+        if keep_index is None:
             x = self.encoder_blocks(x, visible[:, None, None, :], not train)
             return self.encoder_norm(x)
-
-        # Gather buffer + num_keep tokens, visible first in increasing position (stable sort keeps the order).
-        idx = jnp.argsort((~visible).astype(jnp.int32), axis=1, stable=True)[:, :self.buffer_size + num_keep]
-        xg = jnp.take_along_axis(x, idx[..., None], axis=1)
-        keys = jnp.take_along_axis(visible, idx, axis=1)
+        xg = jnp.take_along_axis(x, keep_index[..., None], axis=1)
+        keys = jnp.take_along_axis(visible, keep_index, axis=1)
         xg = self.encoder_norm(self.encoder_blocks(xg, keys[:, None, None, :], not train))
         out = jnp.zeros((b, x.shape[1], d), xg.dtype)
-        return out.at[jnp.arange(b)[:, None], idx].set(xg)
+        return out.at[jnp.arange(b)[:, None], keep_index].set(xg)
 
     def forward_mae_decoder(self, x, mask, train: bool = False):
         """Encoder output (B, buffer + L, D) -> z (B, L, Dd): masked slots -> mask_token, decoder, + diffusion pos."""
