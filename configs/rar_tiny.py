@@ -58,6 +58,7 @@ def get_config(arg=None):
     s.guidance_scale = 4.0
     s.guidance_scale_pow = 1.0
     s.temperature = 1.0
+    s.modulation_chunk = 16  # speed only: adaLN modulations of 16 slots per matmul (rar/sampler.py)
     s.num_per_class = 100
     s.batch_size = 250
     s.use_ema = False

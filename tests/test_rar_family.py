@@ -84,9 +84,11 @@ def test_official_weight_decay_rule(family, params):
         assert not flat[name], name
 
 
-def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, monkeypatch):
+@pytest.mark.parametrize("modulation_chunk", [1, 3, 16])  # per step; 3 chunks of 3 slots; one chunk of all 9
+def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, monkeypatch, modulation_chunk):
     """Greedy draws: the fixed-size-cache loop gives the tokens of re-running the whole prefix every step, with the
-    power-cosine guidance scale of each step; the step body is traced once."""
+    power-cosine guidance scale of each step, whether the adaLN modulations are computed per step or ahead for a
+    chunk of slots; the step body is traced once."""
     traces = []
 
     def greedy(rng, logits, top_k=0, top_p=0.0, temperature=1.0):
@@ -96,8 +98,8 @@ def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, mo
     monkeypatch.setattr(sampler_mod, "sample_tokens", greedy)
     labels = jnp.array([1, 7], jnp.int32)
     g, pw = 3.0, 1.5
-    cached = jax.jit(lambda p, l: sampler_mod.generate_tokens(family.model, p, l, jax.random.PRNGKey(0), g, pw))(
-        params, labels)
+    cached = jax.jit(lambda p, l: sampler_mod.generate_tokens(family.model, p, l, jax.random.PRNGKey(0), g, pw,
+                                                              modulation_chunk=modulation_chunk))(params, labels)
     assert len(traces) == 1
     model, seq, null = family.model, family.model.image_seq_len, family.model.null_label
     labels2 = jnp.concatenate([labels, jnp.full_like(labels, null)])

@@ -203,12 +203,26 @@ class RAR(nn.Module):
         return tuple(KVCache.zeros(batch, self.num_heads, n, self.head_dim, dtype or self.dtype)
                      for _ in range(self.depth))
 
-    def _blocks_cached(self, x, c, caches: Caches, index) -> Tuple[jax.Array, Caches]:
+    def _blocks_cached(self, x, c, caches: Caches, index, modulations=None) -> Tuple[jax.Array, Caches]:
         new = []
-        for blk, cache in zip(self.blocks, caches):
-            x, cache = blk(x, c, None, True, cache, index)
+        for i, (blk, cache) in enumerate(zip(self.blocks, caches)):
+            x, cache = blk(x, c, None, True, cache, index, None if modulations is None else modulations[i])
             new.append(cache)
         return x, tuple(new)
+
+    def _slot_condition(self, labels, slots):
+        """adaLN condition of cache slots `slots` (int (K,), traced ok): emb(cond) + timesteps_embeddings[slot]
+        -> (B, K, D) f32."""
+        e = self.embeddings(self.condition_ids(labels)).astype(jnp.float32)
+        steps = jnp.take(self.timesteps_embeddings[0], slots, axis=0).astype(jnp.float32)
+        return e[:, None] + steps[None]
+
+    def block_modulations(self, labels, slots):
+        """Every block's six adaLN chunks for cache slots `slots` (K,): a tuple (depth) of 6-tuples of (B, K, D)
+        f32, computed in one matmul per block. `decode_step(..., modulations=row k of them)` then skips the D x 6D
+        modulation weights, a third of the weights each decoded token would otherwise read."""
+        c = self._slot_condition(labels, slots)
+        return tuple(blk.modulation(c) for blk in self.blocks)
 
     def prefill(self, labels, caches: Caches) -> Tuple[jax.Array, Caches]:
         """Run [cls, cond] (cache slots 0, 1) -> (logits (B, V) of the first token, caches)."""
@@ -220,9 +234,10 @@ class RAR(nn.Module):
         x, caches = self._blocks_cached(x, c, caches, 0)
         return self._head(x[:, 1:], c[:, 1:])[:, 0], caches
 
-    def decode_step(self, token, position, labels, caches: Caches) -> Tuple[jax.Array, Caches]:
+    def decode_step(self, token, position, labels, caches: Caches, modulations=None) -> Tuple[jax.Array, Caches]:
         """Feed raster token `position` (traced int scalar, 0 <= position < L; token (B,) int) into cache slot
-        position + 2 -> (logits (B, V) of token position + 1, caches). labels (B,) as for `prefill`."""
+        position + 2 -> (logits (B, V) of token position + 1, caches). labels (B,) as for `prefill`;
+        `modulations`: this slot's `block_modulations` (each chunk (B, 1, D)), or None to compute them here."""
         position = jnp.asarray(position, jnp.int32)
         slot = position + PREFIX
         seq = self.image_seq_len
@@ -237,7 +252,7 @@ class RAR(nn.Module):
         x = (tok + row(pos, slot) + tap_row)[:, None]
         e = self.embeddings(self.condition_ids(labels)).astype(jnp.float32)
         c = (e + row(steps, slot))[:, None]
-        x, caches = self._blocks_cached(x, c, caches, slot)
+        x, caches = self._blocks_cached(x, c, caches, slot, modulations)
         return self._head(x, c)[:, 0], caches
 
 

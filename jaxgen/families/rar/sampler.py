@@ -4,6 +4,11 @@ The batch is doubled to [labels ; null class]. `prefill` runs [cls, cond] and gi
 mixes them with the power-cosine guidance scale of t (`jaxgen.sampling.guidance.power_cosine_scale`), divides by the
 temperature and draws token t, then `decode_step` writes it into slot t + 2 of the FIXED-size KV cache and returns
 the logits of token t + 1. No top-k / top-p (official). The cache never grows, so `decode_loop` traces the step once.
+
+The adaLN modulations depend only on (label, slot), not on the tokens: with `modulation_chunk` K > 1 an outer loop
+computes them for the next K slots in one batched matmul per block and the inner loop's K steps read those rows,
+so each token no longer streams the D x 6D modulation weights (a third of RAR's weights; decoding at small batch is
+bound by reading weights). Same numbers as computing them per step, up to matmul summation order.
 """
 from __future__ import annotations
 
@@ -12,15 +17,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxgen.families.rar.model import RAR
+from jaxgen.families.rar.model import PREFIX, RAR
 from jaxgen.sampling import guidance
 from jaxgen.sampling.filtering import sample_tokens
 from jaxgen.sampling.loop import decode_loop
 
 
+def largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, max(1, min(n, k)) + 1) if n % d == 0)
+
+
 def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, guidance_scale: float = 16.0,
-                    guidance_scale_pow: float = 2.75, temperature: float = 1.0) -> jax.Array:
-    """labels (B,) -> token ids (B, L) int32 in raster order."""
+                    guidance_scale_pow: float = 2.75, temperature: float = 1.0,
+                    modulation_chunk: int = 16) -> jax.Array:
+    """labels (B,) -> token ids (B, L) int32 in raster order. `modulation_chunk`: slots whose adaLN modulations are
+    computed together (the largest divisor of L not above it; <= 1: per step)."""
     variables = {"params": params}
     b = labels.shape[0]
     seq = model.image_seq_len
@@ -31,17 +42,36 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
     logits, caches = model.apply(variables, labels_in, caches, method=RAR.prefill)
     tables = {"scale": guidance.power_cosine_scale(jnp.arange(seq), seq, guidance_scale, guidance_scale_pow)}
 
-    def step(t, state, row):
+    def step(t, state, scale, modulations=None):
         tokens, logits, caches = state
-        mixed = guidance.mix_halves(logits, row["scale"]) if use_cfg else logits
+        mixed = guidance.mix_halves(logits, scale) if use_cfg else logits
         _, token = sample_tokens(jax.random.fold_in(rng, t), mixed, temperature=temperature)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=1)
         token_in = jnp.concatenate([token, token]) if use_cfg else token
         # after the last token this computes logits nobody reads (one static step body for every t)
-        logits, caches = model.apply(variables, token_in, t, labels_in, caches, method=RAR.decode_step)
+        logits, caches = model.apply(variables, token_in, t, labels_in, caches, modulations,
+                                     method=RAR.decode_step)
         return tokens, logits, caches
 
-    tokens, _, _ = decode_loop(step, (jnp.zeros((b, seq), jnp.int32), logits, caches), seq, tables)
+    state = (jnp.zeros((b, seq), jnp.int32), logits, caches)
+    chunk = largest_divisor_at_most(seq, int(modulation_chunk))
+    if chunk <= 1:
+        tokens, _, _ = decode_loop(lambda t, s, row: step(t, s, row["scale"]), state, seq, tables)
+        return tokens
+
+    def chunk_step(j, state, row):
+        first = j * chunk
+        mods = model.apply(variables, labels_in, first + PREFIX + jnp.arange(chunk),
+                           method=RAR.block_modulations)
+
+        def inner(k, s, r):
+            mod_k = jax.tree_util.tree_map(lambda m: jax.lax.dynamic_slice_in_dim(m, k, 1, axis=1), mods)
+            return step(first + k, s, r["scale"], mod_k)
+
+        return decode_loop(inner, state, chunk, row)
+
+    by_chunk = {"scale": tables["scale"].reshape(seq // chunk, chunk)}
+    tokens, _, _ = decode_loop(chunk_step, state, seq // chunk, by_chunk)
     return tokens
 
 
