@@ -21,6 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -47,7 +48,6 @@ def _machine() -> str:
 
 
 def _random_batch(family, batch_size, seed=0):
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -114,12 +114,13 @@ def _flops_of(compiled):
         return None
 
 
-def _add_flops(result, flops, seconds):
+def _add_flops(result, flops, seconds, source="xla"):
     """cost_analysis counts the whole (SPMD-partitioned) program of one device. XLA counts a loop body ONCE, so for
-    programs with loops (samplers) the figure is a lower bound; `flops` is reported as counted."""
+    samplers built on a lax loop bench/flops.py counts the work instead (`flops_source` says which)."""
     if not flops:
         return
     result["flops"] = flops
+    result["flops_source"] = source
     result["gflops_per_s"] = flops / seconds / 1e9
     result["tflops_per_device"] = flops / seconds / 1e12
     if FLAGS.peak_tflops:
@@ -142,7 +143,8 @@ def bench_sample(config):
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
-        frozen = replicate(_random_frozen(config), mesh)
+        # tokens / latents only need no tokenizer (the official rows build none either)
+        frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
         labels = jax.device_put(np.arange(batch, dtype=np.int32) % int(config.data.num_classes),
                                 sh.batch_sharding(mesh, rules, 1))
         if FLAGS.what == "sample_tokens":
@@ -169,7 +171,10 @@ def bench_sample(config):
               "settings": {k: s[k] for k in sorted(s.keys()) if k not in GENERIC_SAMPLE_KEYS},
               "compile_s": round(compile_s, 1), "times_s": times, "call_s": dt, "median_s": dt,
               "images_per_s": batch / dt}
-    _add_flops(result, _flops_of(compiled), dt)
+    from flops import sample_flops
+
+    counted = sample_flops(family, FLAGS.what, batch)
+    _add_flops(result, counted or _flops_of(compiled), dt, "bench/flops.py" if counted else "xla")
     return result
 
 

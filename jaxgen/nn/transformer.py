@@ -72,7 +72,7 @@ class Block(nn.Module):
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
         x = x + Mlp(int(self.dim * self.mlp_ratio), act=self.act, drop=self.proj_drop, name="mlp", **kw)(
             h, deterministic=deterministic)
-        return constrain(x, ("batch", "length", "embed"))
+        return gradient_fence(constrain(x, ("batch", "length", "embed")))  # see AdaLNZeroBlock
 
 
 class PostLNBlock(nn.Module):

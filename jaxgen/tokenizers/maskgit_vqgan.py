@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import strict
-from jaxgen.nn.conv import Conv, Downsample, GroupNorm, ResnetBlock, Upsample, swish
+from jaxgen.nn.conv import Conv, Downsample, GroupNorm, ResnetBlock, swish
 from jaxgen.nn.layers import with_axes
 from jaxgen.nn.quantizer import code_counts, commitment_loss, lookup, nearest_code, straight_through
 
@@ -57,10 +57,10 @@ class _Stack(nn.Module):
     def _norm(self, name: str) -> GroupNorm:
         return GroupNorm(self.num_groups, self.norm_eps, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def _conv(self, features: int, k: int, use_bias: bool, name: str) -> Conv:
+    def _conv(self, features: int, k: int, use_bias: bool, name: str, upsample: bool = False) -> Conv:
         # torch Conv2dSame at stride 1 pads (k-1)/2 zeros on every side for the odd kernels used here
-        return Conv(features, k, padding=(k - 1) // 2, use_bias=use_bias, name=name, dtype=self.dtype,
-                    param_dtype=self.param_dtype)
+        return Conv(features, k, padding=(k - 1) // 2, use_bias=use_bias, upsample_nearest2=upsample, name=name,
+                    dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 _STACK_FIELDS = ("hidden_channels", "channel_mult", "num_res_blocks", "out_channels", "dropout", "num_groups",
@@ -81,9 +81,9 @@ class _Level(_Stack):
         if self.resample == "down":
             h = Downsample(with_conv=False, dtype=self.dtype, param_dtype=self.param_dtype)(h)
         elif self.resample == "up":
-            # the conv is named as the torch attribute, so it sits beside the blocks rather than inside Upsample
-            h = Upsample(with_conv=False, dtype=self.dtype, param_dtype=self.param_dtype)(h)
-            h = self._conv(self.features, 3, True, "upsample_conv")(h)
+            # nearest x2 + the 3x3 conv in one sub-pixel conv (jaxgen.nn.conv.nearest_up2_conv3); named as the
+            # torch attribute, so it sits beside the blocks rather than inside an Upsample
+            h = self._conv(self.features, 3, True, "upsample_conv", upsample=True)(h)
         return h
 
 

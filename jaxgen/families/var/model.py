@@ -24,6 +24,7 @@ import numpy as np
 from jaxgen import strict
 from jaxgen.nn.attention import dot_product_attention
 from jaxgen.nn.dropout import drop_labels
+from jaxgen.nn.fence import gradient_fence
 from jaxgen.nn.layers import Dense, DropPath, Embed, LayerNorm, constrain, gelu_tanh, with_axes
 
 Dtype = Any
@@ -197,7 +198,8 @@ class AdaLNSelfAttn(nn.Module):
         h = (ln(x) * (1.0 + scale2) + shift2).astype(self.dtype)
         h = FFN(c, int(round(c * self.mlp_ratio)), self.init_std, depth_scale, name="ffn", **kw)(h)
         x = x + drop(h.astype(jnp.float32) * gamma2, deterministic)
-        return constrain(x, ("batch", "length", "embed")), kv
+        # the backward stays linear in depth on XLA:CPU (jaxgen.nn.fence); an identity otherwise
+        return gradient_fence(constrain(x, ("batch", "length", "embed"))), kv
 
 
 class VAR(nn.Module):

@@ -1,0 +1,62 @@
+"""Counted FLOPs of the OFFICIAL work of a sampling call, for GFLOP/s next to the times (the same count divides
+both sides' seconds). Matmuls only (2 m n k, attention QK^T and AV included); norms, activations and sampling are
+left out, so achieved GFLOP/s are slight underestimates.
+
+Where a program has no loops (VAR's sampler is unrolled over its scales; train steps) XLA's own count of the
+compiled program is used instead (bench/throughput.py). Samplers built on a lax loop (MAR, RAR) are counted here,
+since XLA counts a loop body once.
+"""
+from __future__ import annotations
+
+
+def transformer(tokens: int, pairs: int, dim: int, mlp_dim: int, depth: int, extra_per_token: int = 0) -> float:
+    """`tokens` rows through `depth` pre-norm blocks; `pairs` = sum over rows of the keys each attends to."""
+    dense = 2.0 * tokens * (4 * dim * dim + 2 * dim * mlp_dim + extra_per_token)
+    return depth * (dense + 4.0 * pairs * dim)
+
+
+def diffusion_head_row(model) -> float:
+    """One SimpleMLPAdaLN call on one row, as the official runs it (time and condition embeddings per row)."""
+    w, c, dd, f = model.diffloss_w, model.token_dim, model.decoder_embed_dim, 256
+    embed = 2.0 * (c * w + f * w + w * w + dd * w)
+    blocks = model.diffloss_d * 2.0 * (3 * w * w + 2 * w * w)
+    final = 2.0 * (2 * w * w + w * 2 * c)
+    return embed + blocks + final
+
+
+def mar_sample(model, num_iter: int, batch: int, cfg: bool, ddpm_steps: int) -> float:
+    """Official `sample_tokens`: encoder on buffer + visible, decoder on buffer + L, head on the revealed rows."""
+    from jaxgen.families.mar.sampler import sampling_plan
+
+    plan = sampling_plan(model, num_iter)
+    copies = batch * (2 if cfg else 1)
+    d, dd, buf, seq = model.encoder_embed_dim, model.decoder_embed_dim, model.buffer_size, model.seq_len
+    total = 0.0
+    for before in plan["before"]:
+        m = buf + seq - int(before)
+        total += transformer(m, m * m, d, int(d * model.mlp_ratio), model.encoder_depth)
+        n = buf + seq
+        total += transformer(n, n * n, dd, int(dd * model.mlp_ratio), model.decoder_depth) + 2.0 * n * d * dd
+    total *= copies
+    total += copies * plan["diffusion_rows_official"] * ddpm_steps * diffusion_head_row(model)
+    return total
+
+
+def rar_sample(model, batch: int, cfg: bool) -> float:
+    """Official `generate(kv_cache=True)`: [cls, cond] then one token per step (255 fed), adaLN per token."""
+    d, seq = model.hidden_size, model.image_seq_len
+    tokens = seq + 1
+    pairs = tokens * (tokens + 1) // 2
+    body = transformer(tokens, pairs, d, model.mlp_dim, model.depth, extra_per_token=6 * d * d)
+    head = seq * 2.0 * (d * 2 * d + d * model.codebook_size)
+    return batch * (2 if cfg else 1) * (body + head)
+
+
+def sample_flops(family, what: str, batch: int):
+    """Counted FLOPs of one sampling call of `family` at `batch`, or None where XLA's count is exact (no loop)."""
+    s = family.sample_settings
+    if family.name == "mar":
+        return mar_sample(family.model, s.num_iter, batch, float(s.cfg) != 1.0, family.gen_diffusion.num_timesteps)
+    if family.name == "rar" and what == "sample_tokens":
+        return rar_sample(family.model, batch, float(s.guidance_scale) != 1.0)
+    return None
