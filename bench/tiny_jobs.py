@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_official import parse_rows, run_throughput  # noqa: E402
 
 # row -> (throughput.py flags, docs/results.md's figure for the same work: (value, unit, where))
 ROWS = {
@@ -45,29 +44,15 @@ ROWS = {
 }
 
 
-def run_row(name):
-    flags, _ = ROWS[name]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "r.json")
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "throughput.py"), *flags, f"--json={out}"],
-                              cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        return json.load(open(out))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    rows = parse_rows(args.rows, ROWS)
     table = []
     for name in rows:
-        r = run_row(name)
+        r = run_throughput(name, ROWS[name][0])
         value, unit = (r["steps_per_s"], "steps/s") if r["what"] == "train" else (r["images_per_s"], "images/s")
         ref, ref_unit, where = ROWS[name][1]
         entry = {"row": name, "value": value, "unit": unit, "median_s": r["median_s"], "compile_s": r["compile_s"],

@@ -99,15 +99,28 @@ def _official(args, row, reps, warmup):
             "host": result["host"], "commits": result["official_commits"]}
 
 
-def _jaxgen(args, row, reps, warmup):
+def run_throughput(name, flags, env=None):
+    """bench/throughput.py with `flags` in a child process -> its JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        flags = ROWS[row] + [f"--json={out}", f"--steps={reps}", f"--repeats={reps}", f"--warmup={warmup}"]
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "throughput.py"), *flags], cwd=REPO,
-                              capture_output=True, text=True, env=_child_env(args))
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "throughput.py"), *flags,
+                               f"--json={out}"], cwd=REPO, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"jaxgen {row} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"jaxgen {name} failed:\n{proc.stderr[-3000:]}")
         return json.load(open(out))
+
+
+def parse_rows(text, known):
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in known]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(known)}")
+    return rows
+
+
+def _jaxgen(args, row, reps, warmup):
+    flags = ROWS[row] + [f"--steps={reps}", f"--repeats={reps}", f"--warmup={warmup}"]
+    return run_throughput(row, flags, _child_env(args))
 
 
 def main(argv=None):
@@ -123,10 +136,7 @@ def main(argv=None):
                     help="'keep': both children keep freed memory (see above); 'default': glibc's defaults")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    rows = parse_rows(args.rows, ROWS)
     import jax
 
     table = []
