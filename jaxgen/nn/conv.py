@@ -87,6 +87,8 @@ class Conv(nn.Module):
     kernel_init: Callable = torch_conv_init
     bias_init: Callable = zeros
     upsample_nearest2: bool = False
+    # None: the platform's default (bf16 passes / TF32 on TPU / GPU); "highest" for full float32 (FID's Inception).
+    precision: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -103,7 +105,8 @@ class Conv(nn.Module):
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype), kernel.astype(self.dtype),
                 window_strides=(self.strides, self.strides), padding=_pairs(self.padding),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
+                preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param("bias", with_axes(self.bias_init, ("conv_out",)), (self.features,), self.param_dtype)
             y = y + bias.astype(jnp.float32)

@@ -71,7 +71,24 @@ def nearest_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-_MATRICES = {"bicubic": bicubic_matrix, "area": area_matrix, "nearest": nearest_matrix}
+@functools.lru_cache(maxsize=None)
+def tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of TF1 `resize_bilinear(align_corners=False)` (no half-pixel centres, no antialias), as
+    torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x` for FID's Inception: src = i * float32(in / out),
+    lo = trunc(src), hi = min(lo + 1, in - 1), weights (1 - frac, frac)."""
+    src = np.arange(n_out, dtype=_F32) * _F32(n_in / n_out)
+    lo = np.trunc(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo.astype(_F32)
+    m = np.zeros((n_out, n_in), _F32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), _F32(1) - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+_MATRICES = {"bicubic": bicubic_matrix, "area": area_matrix, "nearest": nearest_matrix,
+             "tf1_bilinear": tf1_bilinear_matrix}
 
 
 def resize_matrix(method: str, n_in: int, n_out: int) -> np.ndarray:
