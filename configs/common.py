@@ -106,6 +106,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.use_ema = True
     c.sample.grid_per_class = 10  # samples of each class in grid.png (one row per class)
 
+    # --mode=eval: N = data.num_classes x sample.num_per_class samples with the config.sample settings, in resumable
+    # shards, scored by a feature extractor (jaxgen.eval); --mode=reference: statistics of the dataset for it.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.metric = "digits"  # digits: the embedded digit classifier | inception: FID / IS of Inception-v3
+    c.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-6726825d.pth (or torch-fidelity's), for inception
+    # Reference statistics (.npz): ADM's VIRTUAL_imagenet256_labeled.npz, a pytorch-fid / torch-fidelity mu / sigma
+    # file, or --mode=reference's output. "" with metric=digits: the 500 held-out test digits.
+    c.eval.reference = ""
+    c.eval.shard_size = 1000  # images per resumable shard (rounded up to a multiple of the sampling batch)
+    c.eval.feature_batch = 100  # images per feature-extractor call (global, split over the mesh)
+    c.eval.inception_score = "torch_fidelity"  # torch_fidelity (10 shuffled splits) | adm (splits of 5,000)
+    c.eval.is_splits = 10  # torch_fidelity convention only
+    c.eval.precision_recall = True  # ADM's improved precision / recall (needs reference features, not only mu / sigma)
+    c.eval.pr_k = 3  # neighbourhood size of precision / recall (ADM: 3)
+    c.eval.samples_npz = "jaxgen"  # jaxgen: samples/samples.npz (images, labels) | adm: arr_0 / arr_1 | none
+    c.eval.reference_split = "train"  # --mode=reference: the split whose statistics it computes
+    c.eval.reference_limit = 0  # --mode=reference: first N examples only (0: all)
+    c.eval.reference_features = 10000  # --mode=reference: random examples whose features it keeps for precision / recall
+
     # --mode=search: tune the sampling knobs of config.sample on a trained model (jaxgen.search)
     c.search = ml_collections.ConfigDict()
     c.search.target = "policy"  # policy: the sampling knobs | beta: NAT's training Beta(a, b) (greedy line search)
@@ -141,6 +160,8 @@ def imagenet_data(c, image_size: int = 256, folder: bool = False, random_flip: b
     c.data.channels = 3
     c.data.num_classes = 1000
     c.data.random_flip = random_flip
+    c.eval.metric = "inception"
+    c.eval.samples_npz = "none"  # 50,000 images are 9.8 GB at 256 px: opt in with "adm" for external evaluators
 
 
 def digits_data(c) -> None:

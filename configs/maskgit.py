@@ -48,6 +48,7 @@ def get_config(arg=None):
     o.warmup_steps = 5000
 
     imagenet_data(c, 256, folder="folder" in variants)
+    c.eval.inception_score = "adm"  # the paper numbers come from ADM's evaluator.py
     c.data.cache = "images" not in variants
     c.tokenizer.config = maskgit_vqgan_config()
     c.tokenizer.allow_training = "train_tokenizer" in variants

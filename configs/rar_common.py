@@ -60,6 +60,7 @@ def rar_config(size: str, arg=None):
     o.ema_decay = 0.0
 
     imagenet_data(c, 256, folder="folder" in variants)
+    c.eval.inception_score = "adm"  # the paper numbers come from ADM's evaluator.py
     c.data.cache = "images" not in variants  # the official pre-tokenized data
     c.tokenizer.config = maskgit_vqgan_config()  # its dataset is config.data (one for both stages)
     c.tokenizer.allow_training = "train_tokenizer" in variants

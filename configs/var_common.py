@@ -78,6 +78,7 @@ def var_config(depth: int, arg=None):
     o.ema_decay = 0.0
 
     imagenet_data(c, image_size, folder="folder" in variants, random_flip=False)  # the official loader does not flip
+    c.eval.inception_score = "adm"  # the paper numbers come from ADM's evaluator.py
     c.tokenizer.config = vqvae_config(image_size, patch_nums)  # its dataset is config.data (one for both stages)
     c.tokenizer.data.random_flip = True  # the tokenizer stage flips (jaxgen's choice), VAR itself does not
     c.tokenizer.allow_training = "train_tokenizer" in variants

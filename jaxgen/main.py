@@ -1,4 +1,4 @@
-"""python -m jaxgen.main --config=configs/<name>.py[:arg] --workdir=DIR [--mode=train|sample|eval|cache|search]
+"""python -m jaxgen.main --config=configs/<name>.py[:arg] --workdir=DIR [--mode=train|sample|eval|cache|search|reference]
     [--config.k=v] [--overrides=FILE.json]
 
 Thin on purpose: flags, multi-process start-up, then `jaxgen.pipeline.run` (which checks the whole run first).
@@ -19,7 +19,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples. Re-using it resumes.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "cache", "search"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "cache", "search", "reference"], "What to do.")
 flags.DEFINE_string("overrides", None, "JSON file of {dotted config key: value} applied after --config.* (e.g. "
                     "the best_policy.json of --mode=search).")
 

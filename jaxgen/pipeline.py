@@ -6,7 +6,6 @@ config.tokenizer.workdir / .checkpoint point at one), its codes are cached by `c
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from jaxgen import families, preflight
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.train import export, restore
 
-MODES = ("train", "sample", "eval", "cache", "search")
+MODES = ("train", "sample", "eval", "cache", "search", "reference")
 
 
 def save_config(config, workdir: str, name: str = "config") -> None:
@@ -206,18 +205,18 @@ def _periodic_sampler(config, workdir, family, trainer):
 
 # ----------------------------------------------------------------------------------------------- sample / eval
 
-def load_for_sampling(config, workdir: str, mode: str = "sample"):
+def load_for_sampling(config, workdir: str, mode: str = "sample", with_source: bool = False):
     """(family, params, frozen, mesh) of a run or of converted weights (`restore.load_params` order), after checking
-    the run (`preflight`)."""
+    the run (`preflight`); `with_source`: also where the params came from (path and step)."""
     from jaxgen.parallel import mesh as mesh_lib
 
     preflight.check(config, workdir, mode)
     family = families.build(config)
     family.require_sampler()
     mesh = mesh_lib.make_mesh(config.mesh)
-    params, _ = restore.load_params(config, workdir, family, mesh, prefer_ema=config.sample.use_ema)
+    params, where = restore.load_params(config, workdir, family, mesh, prefer_ema=config.sample.use_ema)
     frozen = load_frozen(config, family, workdir, mesh)
-    return family, params, frozen, mesh
+    return (family, params, frozen, mesh, where) if with_source else (family, params, frozen, mesh)
 
 
 def _generate(config, workdir, mode):
@@ -239,16 +238,23 @@ def sample(config, workdir: str) -> str:
 
 
 def evaluate(config, workdir: str) -> dict:
-    """Digit metric of fresh samples: class_consistency and digit_fd (with the real-vs-real value for scale)."""
-    from jaxgen.eval.digit_metric import DigitMetric
+    """FID / IS / precision-recall (eval.metric=inception) or the digit metric of N fresh samples, in resumable
+    shards (jaxgen.eval.runner); writes <workdir>/eval.json."""
+    from jaxgen.eval import runner
 
-    images, labels = _generate(config, workdir, "eval")
-    result = DigitMetric.load_or_train().evaluate(images, labels)
-    result = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in result.items()}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-    logging.info("eval: %s", result)
+    return runner.evaluate(config, workdir)
+
+
+def reference(config, workdir: str) -> dict:
+    """Reference statistics of config.data for config.eval.metric -> <workdir>/reference_<split>.npz."""
+    from jaxgen.eval import reference as reference_lib
+    from jaxgen.eval import runner
+
+    preflight.check_reference(config, workdir)
+    extractor = runner.build_extractor(config, mesh=None)
+    out = os.path.join(workdir, f"reference_{config.eval.reference_split}.npz")
+    result = reference_lib.compute(config, out, extractor)
+    logging.info("reference: %s (use it with --config.eval.reference=%s)", result, out)
     return result
 
 
@@ -261,6 +267,8 @@ def run(config, workdir: str, mode: str = "train", callbacks: Sequence[Any] = ()
         return sample(config, workdir)
     if mode == "eval":
         return evaluate(config, workdir)
+    if mode == "reference":
+        return reference(config, workdir)
     if mode == "search":
         from jaxgen.search import runner
 

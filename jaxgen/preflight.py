@@ -44,10 +44,10 @@ def check(config, workdir: str, mode: str) -> List[Stage]:
             from jaxgen.search import runner
 
             runner.check(config, family, workdir)
-        if mode == "eval" and config.data.source != "digits":
-            raise ConfigError("--mode=eval computes the embedded digit metric, which needs a model trained on the "
-                              "bundled digits (data.source='digits'); ImageNet FID needs Inception weights (not "
-                              "bundled)")
+        if mode == "eval":
+            from jaxgen.eval import runner as eval_runner
+
+            eval_runner.check(config)
         restore.find_source(config, workdir)
     if mode == "train":
         generator = Stage("generator", config, os.path.abspath(workdir))
@@ -80,6 +80,26 @@ def check(config, workdir: str, mode: str) -> List[Stage]:
                               "use --mode=train")
         _check_data(families.tokenizer_run_config(config).data)
     return stages
+
+
+def check_reference(config, workdir: str) -> None:
+    """--mode=reference: the metric's weights and the data split, before any feature is computed."""
+    from jaxgen.eval import runner as eval_runner
+
+    _check_writable(workdir)
+    if config.eval.metric not in eval_runner.METRICS:
+        raise ConfigError(f"config.eval.metric={config.eval.metric!r} is not one of {', '.join(eval_runner.METRICS)}")
+    if config.eval.metric == "inception" and not os.path.isfile(config.eval.inception_weights or ""):
+        raise ConfigError(f"config.eval.inception_weights={config.eval.inception_weights!r} is not a file: pass "
+                          "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    if config.data.source != "digits":
+        _check_data(_split_of(config.data, config.eval.reference_split))
+
+
+def _split_of(data_cfg, split: str):
+    out = data_cfg.copy_and_resolve_references()
+    out.split = split
+    return out
 
 
 def _check_stage(stage: Stage, family) -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from jaxgen.data.digits import NUM_CLASSES, TRAIN_PER_CLASS, load_digits
 from jaxgen.errors import DataError
-from jaxgen.eval.digit_metric import DigitMetric, frechet_distance
+from jaxgen.eval.digit_metric import DigitMetric
+from jaxgen.eval.metrics import frechet_distance
 from tests.cli_utils import env
 
 

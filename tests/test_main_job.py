@@ -90,3 +90,53 @@ def test_inference_notebook_runs(trained):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook showed no sample grid"
     assert any("4 images (32, 32, 1)" in "".join(o.get("text", "")) for o in outputs)
+
+
+def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
+    """--mode=eval in 5 shards: an uninterrupted run, then a run killed (SIGKILL) after its first shard and resumed;
+    the resumed eval.json and samples.npz equal the uninterrupted ones, and finished shards are not regenerated."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from tests.cli_utils import REPO, env, main_cmd
+
+    args = [CONFIG, f"--workdir={trained}", "--mode=eval", "--config.sample.batch_size=4",
+            "--config.eval.shard_size=4"]
+
+    def clean():
+        shutil.rmtree(trained / "eval", ignore_errors=True)
+        for f in ("eval.json", "samples/samples.npz"):
+            (trained / f).unlink(missing_ok=True)
+
+    clean()
+    proc = run_main(args)
+    assert proc.returncode == 0, tail(proc)
+    whole = json.load(open(trained / "eval.json"))
+    with np.load(trained / "samples" / "samples.npz") as z:
+        whole_images = z["images"]
+    assert whole["shards"] == 5 and whole["resumed_images"] == 0 and whole["num_samples"] == 20
+
+    clean()
+    killed = subprocess.Popen(main_cmd(args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if list((trained / "eval").glob("*/shard_00000.npz")):
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert killed.wait(60) == -signal.SIGKILL, "the eval finished before it could be killed"
+    assert not (trained / "eval.json").exists()
+    finished = len(list((trained / "eval").glob("*/shard_*.npz")))
+    assert 1 <= finished < 5
+
+    proc = run_main(args)
+    assert proc.returncode == 0, tail(proc)
+    resumed = json.load(open(trained / "eval.json"))
+    assert resumed["resumed_images"] == 4 * finished
+    for key in ("digit_fd", "digit_is", "precision", "recall", "class_consistency"):
+        assert resumed[key] == whole[key], key
+    with np.load(trained / "samples" / "samples.npz") as z:
+        np.testing.assert_array_equal(z["images"], whole_images)

@@ -23,6 +23,7 @@ import optax
 
 from jaxgen.data.digits import IMAGE_SIZE, NUM_CLASSES, TRAIN_PER_CLASS, load_digits
 from jaxgen.errors import DataError
+from jaxgen.eval.metrics import feature_stats, frechet_distance
 from jaxgen.nn.layers import Dense, with_axes
 
 # Bump when the model or training recipe changes: old cached classifiers are then ignored.
@@ -140,26 +141,6 @@ def _unflatten(flat):
 
 # ---------------------------------------------------------------------------------------------- metric
 
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^1/2), via eigh of the symmetric C1^1/2 C2 C1^1/2 (float64).
-
-    tr((C1 C2)^1/2) equals the trace of the square root of that symmetric PSD matrix, which avoids the
-    complex-valued sqrtm of a non-symmetric product.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    w, v = np.linalg.eigh(cov1)
-    sqrt1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = sqrt1 @ cov2 @ sqrt1
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
-
-
-def _stats(features):
-    f = np.asarray(features, np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def _check_images(images, min_count: int = 1) -> np.ndarray:
     images = np.asarray(images)
     shape = (IMAGE_SIZE, IMAGE_SIZE, 1)
@@ -202,16 +183,15 @@ class DigitMetric:
         return metric
 
     def _run(self, images):
-        images = _check_images(images)
-        n = len(images)
-        pad = -n % _EVAL_BATCH
-        padded = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)]) if pad else images
-        logits, feats = [], []
-        for i in range(0, len(padded), _EVAL_BATCH):
-            lg, ft = _apply(self.params, padded[i:i + _EVAL_BATCH])
-            logits.append(np.asarray(lg))
-            feats.append(np.asarray(ft))
-        return np.concatenate(logits)[:n], np.concatenate(feats)[:n]
+        from jaxgen.eval.features import batched_apply
+
+        out = batched_apply(lambda x: dict(zip(("logits", "features"), _apply(self.params, x))),
+                            _check_images(images), _EVAL_BATCH)
+        return out["logits"], out["features"]
+
+    def logits_and_features(self, images):
+        """(logits (N, 10), penultimate features (N, 128)) float32."""
+        return self._run(images)
 
     def predict(self, images) -> np.ndarray:
         return self._run(images)[0].argmax(-1).astype(np.int32)
@@ -228,11 +208,11 @@ class DigitMetric:
 
     @functools.cached_property
     def _test_stats(self):
-        return _stats(self.features(self._test_images))
+        return feature_stats(self.features(self._test_images))
 
     def digit_fd(self, images) -> float:
         """Fréchet distance of `images`' features to the 500 held-out test digits (needs >= 2 images)."""
-        return frechet_distance(*_stats(self.features(_check_images(images, 2))), *self._test_stats)
+        return frechet_distance(*feature_stats(self.features(_check_images(images, 2))), *self._test_stats)
 
     @functools.cached_property
     def _real_vs_real(self) -> float:

@@ -39,6 +39,11 @@ class Sampler:
         self.label_sharding = sh.batch_sharding(mesh, self.rules, 1)
         self._compiled: Dict[Any, Callable] = {}
 
+    def batch_size(self, requested: int) -> int:
+        """The batch `generate` uses for `requested`: a multiple of the data-parallel size."""
+        dp = self.data_parallel
+        return max(dp, (int(requested) // dp) * dp)
+
     def _fn(self, batch_size: int, policy_keys: Optional[tuple] = None):
         key = (batch_size, policy_keys)
         if key not in self._compiled:
@@ -50,15 +55,16 @@ class Sampler:
         return self._compiled[key]
 
     def generate(self, params: Any, frozen: Any, labels: np.ndarray, seed: int, batch_size: int,
-                 progress: bool = True, policy: Optional[Dict[str, Any]] = None) -> np.ndarray:
+                 progress: bool = True, policy: Optional[Dict[str, Any]] = None, first_chunk: int = 0) -> np.ndarray:
         """All `labels` in fixed-size chunks (the last one padded); uint8 NHWC on the host; progress with images/s
         and ETA after each chunk. `policy`: {config.sample key: value} passed as traced arrays to
-        `family.sample_with_policy` (new values reuse the compiled program)."""
+        `family.sample_with_policy` (new values reuse the compiled program). Chunk c draws its noise from
+        fold_in(PRNGKey(seed), first_chunk + c): generating a range of a label list that starts at chunk `first_chunk`
+        gives the images the whole list would (resumable evaluation)."""
         from jaxgen.train.logger import Progress
 
         shown = Progress("sample", len(labels)) if progress else None
-        dp = self.data_parallel
-        batch_size = max(dp, (int(batch_size) // dp) * dp)
+        batch_size = self.batch_size(batch_size)
         out = []
         t0 = time.time()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -70,7 +76,8 @@ class Sampler:
                 n = len(chunk)
                 padded = np.concatenate([chunk, np.zeros(batch_size - n, np.int32)]) if n < batch_size else chunk
                 glabels = jax.make_array_from_callback((batch_size,), self.label_sharding, lambda idx: padded[idx])
-                images = fn(params, frozen, glabels, jax.random.fold_in(jax.random.PRNGKey(seed), i // batch_size),
+                images = fn(params, frozen, glabels,
+                            jax.random.fold_in(jax.random.PRNGKey(seed), first_chunk + i // batch_size),
                             *extra)
                 images = multihost_utils.process_allgather(images, tiled=True)
                 out.append(to_uint8(np.asarray(images, np.float32))[:n])

@@ -43,13 +43,15 @@ def end_progress() -> None:
 class Progress:
     """Items done of a total, with rate and ETA (`show_progress`), for sampling and caching."""
 
-    def __init__(self, what: str, total: int, unit: str = "images"):
+    def __init__(self, what: str, total: int, unit: str = "images", done_before: int = 0):
+        """`done_before`: items already done when this run started (a resumed job): not counted in the rate."""
         self.what, self.total, self.unit = what, int(total), unit
+        self.done_before = int(done_before)
         self.t0 = time.time()
 
     def update(self, done: int) -> None:
         elapsed = max(time.time() - self.t0, 1e-9)
-        rate = done / elapsed
+        rate = (done - self.done_before) / elapsed
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         show_progress(f"[{self.what}] {done}/{self.total} {self.unit} ({100.0 * done / max(self.total, 1):.0f}%) | "
                       f"{rate:.2f} {self.unit}/s | ETA {_fmt_eta(eta) if np.isfinite(eta) else '?'}")

@@ -76,3 +76,27 @@ def test_inception_parity(fixture, converted):
                 assert_close(key, ours, io[key], atol=1e-4, rtol=1e-4)
                 checked += 1
     assert checked >= 20, f"fixture {fx.name}: only {checked} arrays compared"
+
+
+@pytest.mark.parity
+@parametrize_fixtures("inception")
+def test_inception_loads_a_torch_file_without_torch(fixture, tmp_path):
+    """The user's .pth (a torch zip checkpoint, written here without torch) -> InceptionFID -> the fixture's features;
+    a state_dict with a missing entry is refused with the entry named."""
+    from jaxgen.eval.inception import InceptionFID
+    from tests import torch_format
+
+    fx = require(fixture)
+    sd = rebuild_weights(fx.meta)
+    path = tmp_path / "pt_inception-2015-12-05-test.pth"
+    torch_format.save({k: torch_format.Tensor.of(v) for k, v in sd.items()}, str(path))
+    net = InceptionFID.load(str(path), batch_size=2)
+    for b in batches(fx.io):
+        images = np.asarray(fx.io[f"{b}_image"]).transpose(0, 2, 3, 1)
+        feats = net(images, features=("2048", "logits_unbiased"))
+        assert_close(f"{b}_feat_2048", feats["2048"], fx.io[f"{b}_feat_2048"], atol=1e-4, rtol=1e-4)
+        assert_close(f"{b}_feat_logits_unbiased", feats["logits_unbiased"], fx.io[f"{b}_feat_logits_unbiased"],
+                     atol=1e-4, rtol=1e-4)
+    broken = {k: v for k, v in sd.items() if k != "Mixed_6b.branch7x7_2.bn.running_var"}
+    with pytest.raises(KeyError, match="Mixed_6b.branch7x7_2.bn.running_var"):
+        convert_state_dict(broken)
