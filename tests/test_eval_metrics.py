@@ -112,3 +112,47 @@ def test_streamed_npz_is_a_normal_npz(tmp_path):
     with np.load(path) as z:
         np.testing.assert_array_equal(z["arr_0"], np.concatenate([p[0] for p in parts]))
         np.testing.assert_array_equal(z["arr_1"], np.concatenate([p[1] for p in parts]))
+
+
+def test_eval_config_errors_name_the_key_and_the_fix():
+    from configs.mar_b import get_config as mar_b
+    from configs.mar_tiny import get_config as mar_tiny
+    from jaxgen.eval import runner
+
+    paper = mar_b("")
+    assert paper.eval.metric == "inception"
+    with pytest.raises(ConfigError, match=r"eval.inception_weights=''.*pt_inception-2015-12-05"):
+        runner.check(paper)
+    tiny = mar_tiny("")
+    runner.check(tiny)
+    for key, value, text in (("metric", "kid", "is not one of digits, inception"),
+                             ("samples_npz", "png", "is not one of jaxgen, adm, none"),
+                             ("shard_size", 0, "must be >= 1")):
+        bad = mar_tiny("")
+        with bad.unlocked():
+            bad.eval[key] = value
+        with pytest.raises(ConfigError, match=text):
+            runner.check(bad)
+    with paper.unlocked():
+        paper.eval.metric = "digits"
+    with pytest.raises(ConfigError, match="bundled digits"):
+        runner.check(paper)
+
+
+def test_reference_mode_on_digits_equals_the_builtin_reference(tmp_path):
+    """--mode=reference's streamed statistics of the digits test split = the digit metric's own (two-pass)."""
+    from configs.mar_tiny import get_config
+    from jaxgen.eval.features import DigitExtractor
+
+    config = get_config("")
+    with config.unlocked():
+        config.eval.reference_split = "test"
+    extractor = DigitExtractor()
+    info = R.compute(config, str(tmp_path / "ref.npz"), extractor, batch_size=128)
+    assert info["num_examples"] == 500
+    ours = R.load(str(tmp_path / "ref.npz"), extractor)
+    builtin = R.digits_reference(extractor)
+    np.testing.assert_allclose(ours.mu, builtin.mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ours.sigma, builtin.sigma, rtol=1e-6, atol=1e-7)
+    assert ours.pool.shape == builtin.pool.shape
+    assert M.frechet_distance(ours.mu, ours.sigma, builtin.mu, builtin.sigma) == pytest.approx(0.0, abs=1e-6)

@@ -51,14 +51,20 @@ def check(config) -> None:
         raise ConfigError("config.eval.metric='digits' scores samples with the embedded digit classifier, which "
                           "needs a model of the bundled digits (data.source='digits'); use eval.metric='inception'")
     if e.metric == "inception":
-        if not e.inception_weights or not os.path.isfile(e.inception_weights):
-            raise ConfigError(f"config.eval.inception_weights={e.inception_weights!r} is not a file: download "
-                              "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid "
-                              "releases) and pass --config.eval.inception_weights=<path>")
-        if not e.reference or not os.path.isfile(e.reference):
-            raise ConfigError(f"config.eval.reference={e.reference!r} is not a file: download ADM's "
-                              "VIRTUAL_imagenet256_labeled.npz (github.com/openai/guided-diffusion/tree/main/"
-                              "evaluations) or compute one with --mode=reference")
+        check_inception_files(config)
+
+
+def check_inception_files(config) -> None:
+    """The Inception weights and the reference statistics FID needs are files."""
+    e = config.eval
+    if not e.inception_weights or not os.path.isfile(e.inception_weights):
+        raise ConfigError(f"config.eval.inception_weights={e.inception_weights!r} is not a file: download "
+                          "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid "
+                          "releases) and pass --config.eval.inception_weights=<path>")
+    if not e.reference or not os.path.isfile(e.reference):
+        raise ConfigError(f"config.eval.reference={e.reference!r} is not a file: download ADM's "
+                          "VIRTUAL_imagenet256_labeled.npz (github.com/openai/guided-diffusion/tree/main/"
+                          "evaluations) or compute one with --mode=reference")
 
 
 def build_extractor(config, mesh=None):

@@ -2,7 +2,8 @@
 
 digit_fd            Frechet distance of the digit classifier's features to the held-out digits (bundled data)
 neg_class_consistency  -(fraction of samples the digit classifier assigns to their class)
-A metric that needs reference statistics (FID on ImageNet) registers here with `register`.
+fid                 FID of Inception-v3 pool3 features against config.eval.reference (config.eval.inception_weights),
+                    the same extractor and statistics as --mode=eval
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import numpy as np
 from jaxgen.errors import ConfigError
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
-_METRICS: Dict[str, Callable[[], Metric]] = {}
+_METRICS: Dict[str, Callable[..., Metric]] = {}
 DIGIT_METRICS = ("digit_fd", "neg_class_consistency")
 
 
-def register(name: str, factory: Callable[[], Metric]) -> None:
-    """`factory()` builds the metric once (loads classifiers / statistics)."""
+def register(name: str, factory: Callable[..., Metric]) -> None:
+    """`factory(config, mesh)` builds the metric once (loads classifiers / statistics)."""
     _METRICS[name] = factory
 
 
@@ -26,14 +27,14 @@ def names():
     return sorted(_METRICS)
 
 
-def build(name: str) -> Metric:
+def build(name: str, config=None, mesh=None) -> Metric:
     if name not in _METRICS:
         raise ConfigError(f"unknown search metric {name!r}; use one of {', '.join(names())}")
-    return _METRICS[name]()
+    return _METRICS[name](config, mesh)
 
 
-def _digit(which: str) -> Callable[[], Metric]:
-    def factory() -> Metric:
+def _digit(which: str) -> Callable[..., Metric]:
+    def factory(config=None, mesh=None) -> Metric:
         from jaxgen.eval.digit_metric import DigitMetric
 
         metric = DigitMetric.load_or_train()
@@ -45,3 +46,18 @@ def _digit(which: str) -> Callable[[], Metric]:
 
 for _name in DIGIT_METRICS:
     register(_name, _digit(_name))
+
+
+def _fid(config, mesh=None) -> Metric:
+    from jaxgen.eval import reference
+    from jaxgen.eval.features import InceptionExtractor
+    from jaxgen.eval.metrics import feature_stats, frechet_distance
+
+    if config is None:
+        raise ConfigError("search metric 'fid' needs the run config (config.eval.inception_weights / reference)")
+    extractor = InceptionExtractor(config.eval.inception_weights, config.eval.feature_batch, mesh, config.mesh.rules)
+    ref = reference.load(config.eval.reference, extractor)
+    return lambda images, labels: frechet_distance(*feature_stats(extractor(images)["pool"]), ref.mu, ref.sigma)
+
+
+register("fid", _fid)

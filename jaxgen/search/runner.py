@@ -54,6 +54,10 @@ def check(config, family, workdir: str = "") -> None:
                           f"(data.source='digits')")
     if s.metric not in metrics.names():
         raise ConfigError(f"unknown config.search.metric {s.metric!r}; use one of {', '.join(metrics.names())}")
+    if s.metric == "fid":
+        from jaxgen.eval import runner as eval_runner
+
+        eval_runner.check_inception_files(config)
     if s.num_samples < int(config.data.num_classes) or s.updates < 0 or not 0 <= s.momentum < 1:
         raise ConfigError("config.search needs num_samples >= the number of classes, updates >= 0 and momentum in "
                           "[0, 1)")
@@ -117,7 +121,7 @@ def run(config, workdir: str) -> dict:
     s = config.search
     knobs, values = knobs_of(config, family)
     fd = FiniteDifferenceSearch(knobs, groups_of(config), s.momentum, s.grad_clip)
-    metric = metrics.build(s.metric)
+    metric = metrics.build(s.metric, config, mesh)
     num_classes = int(config.data.num_classes)
     labels = sampling.class_labels(num_classes, max(1, int(s.num_samples) // num_classes))
     sampler = sampling.Sampler(family, mesh, config.mesh.rules)
