@@ -100,7 +100,7 @@ def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
     import subprocess
     import time
 
-    from tests.cli_utils import REPO, env, main_cmd
+    from tests.cli_utils import main_cmd
 
     args = [CONFIG, f"--workdir={trained}", "--mode=eval", "--config.sample.batch_size=4",
             "--config.eval.shard_size=4"]
@@ -140,3 +140,39 @@ def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
         assert resumed[key] == whole[key], key
     with np.load(trained / "samples" / "samples.npz") as z:
         np.testing.assert_array_equal(z["images"], whole_images)
+
+
+def test_eval_on_8_devices(trained, tmp_path):
+    """The same eval on 8 simulated devices: sampling and the feature extractor split over the mesh."""
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("eval", "eval.json"))
+    proc = run_main([CONFIG, f"--workdir={work}", "--mode=eval", "--config.sample.batch_size=8",
+                     "--config.eval.shard_size=8", "--config.eval.feature_batch=8"], devices=8)
+    assert proc.returncode == 0, tail(proc)
+    result = json.load(open(work / "eval.json"))
+    assert result["mesh"]["devices"] == 8 and result["shards"] == 3 and result["num_samples"] == 20
+    assert 0.0 <= result["class_consistency"] <= 1.0 and result["digit_fd"] > 0
+
+
+@pytest.mark.multiprocess
+def test_eval_with_two_processes(trained, tmp_path):
+    """jax.distributed on localhost: both processes sample and featurise each shard together, process 0 writes."""
+    import shutil
+    import subprocess
+    import sys
+
+    work = tmp_path / "copy"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("eval", "eval.json"))
+    cmd = [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"), "--num_processes=2",
+           "--devices_per_process=1", f"--log_dir={tmp_path}", "--", "-m", "jaxgen.main", CONFIG,
+           f"--workdir={work}", "--mode=eval", "--config.sample.batch_size=4", "--config.eval.shard_size=8"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    logs = "".join(open(tmp_path / f"process_{i}.log").read()[-2000:] for i in range(2))
+    assert proc.returncode == 0, logs
+    result = json.load(open(work / "eval.json"))
+    assert result["mesh"]["processes"] == 2 and result["mesh"]["devices"] == 2 and result["shards"] == 3
+    assert len(list((work / "eval").glob("*/shard_*.npz"))) == 3
+    with np.load(work / "samples" / "samples.npz") as z:
+        assert z["images"].shape == (20, 32, 32, 1)
