@@ -156,3 +156,13 @@ def test_reference_mode_on_digits_equals_the_builtin_reference(tmp_path):
     np.testing.assert_allclose(ours.sigma, builtin.sigma, rtol=1e-6, atol=1e-7)
     assert ours.pool.shape == builtin.pool.shape
     assert M.frechet_distance(ours.mu, ours.sigma, builtin.mu, builtin.sigma) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paper_eval_without_inception_weights_is_one_line_error(tmp_path):
+    from tests.cli_utils import run_main
+
+    proc = run_main(["--config=configs/var_d16.py", f"--workdir={tmp_path}", "--mode=eval"])
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxgen: error: config.eval.inception_weights=''"), proc.stderr
+    assert not (tmp_path / "eval").exists()

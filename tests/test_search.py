@@ -131,8 +131,12 @@ def test_search_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="config.search.knobs.*nope.*not searchable"):
         runner.check(config, families.build(config))
     config = config_lib.load("nat_tiny:runlocal")
-    config.search.metric = "fid"
-    with pytest.raises(ConfigError, match="unknown config.search.metric 'fid'"):
+    config.search.metric = "kid"
+    with pytest.raises(ConfigError, match="unknown config.search.metric 'kid'.*fid"):
+        runner.check(config, families.build(config))
+    config = config_lib.load("nat_tiny:runlocal")
+    config.search.metric = "fid"  # FID needs the Inception weights and reference statistics of config.eval
+    with pytest.raises(ConfigError, match="config.eval.inception_weights=''.*pt_inception"):
         runner.check(config, families.build(config))
 
 
