@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.reference = ""
     c.eval.shard_size = 1000  # images per resumable shard (rounded up to a multiple of the sampling batch)
     c.eval.feature_batch = 100  # images per feature-extractor call (global, split over the mesh)
+    c.eval.fid_method = "sqrtm"  # sqrtm: scipy, as pytorch-fid / ADM | eigh: the same trace ~5x faster (searches)
     c.eval.inception_score = "torch_fidelity"  # torch_fidelity (10 shuffled splits) | adm (splits of 5,000)
     c.eval.is_splits = 10  # torch_fidelity convention only
     c.eval.precision_recall = True  # ADM's improved precision / recall (needs reference features, not only mu / sigma)

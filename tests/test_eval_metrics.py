@@ -26,6 +26,7 @@ def test_frechet_distance_closed_forms():
     tr = np.sqrt(np.linalg.eigvalsh(root @ sigma_b @ root)).sum()
     expect = np.sum((mu - mu_b) ** 2) + np.trace(sigma) + np.trace(sigma_b) - 2 * tr
     assert M.frechet_distance(mu, sigma, mu_b, sigma_b) == pytest.approx(expect, rel=1e-9)
+    assert M.frechet_distance(mu, sigma, mu_b, sigma_b, method="eigh") == pytest.approx(expect, rel=1e-9)
     with pytest.raises(ValueError, match="different sizes"):
         M.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
 

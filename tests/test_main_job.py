@@ -57,7 +57,7 @@ def test_train_writes_every_stage(trained):
     assert config["family"] == "mar" and config["tokenizer"]["config"]["family"] == "kl_vae"
 
 
-def test_sample_and_eval_modes(trained):
+def test_sample_mode(trained):
     proc = run_main([CONFIG, f"--workdir={trained}", "--mode=sample"])
     assert proc.returncode == 0, tail(proc)
     assert "[sample] 20/20 images (100%)" in proc.stderr
@@ -67,12 +67,6 @@ def test_sample_and_eval_modes(trained):
     np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
     assert os.path.isfile(trained / "samples" / "grid.png")
 
-    proc = run_main([CONFIG, f"--workdir={trained}", "--mode=eval"])
-    assert proc.returncode == 0, tail(proc)
-    result = json.load(open(trained / "eval.json"))
-    assert 0.0 <= result["class_consistency"] <= 1.0
-    assert result["digit_fd"] > result["real_vs_real_fd"] >= 0.0
-    assert result["num_samples"] == 20
 
 
 def test_inference_notebook_runs(trained):
@@ -93,8 +87,9 @@ def test_inference_notebook_runs(trained):
 
 
 def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
-    """--mode=eval in 5 shards: an uninterrupted run, then a run killed (SIGKILL) after its first shard and resumed;
-    the resumed eval.json and samples.npz equal the uninterrupted ones, and finished shards are not regenerated."""
+    """--mode=eval in 5 shards: an uninterrupted run (the digit metric in range), then a run killed (SIGKILL) after its
+    first shard and resumed; the resumed eval.json and samples.npz equal the uninterrupted ones, and finished shards
+    are not regenerated."""
     import shutil
     import signal
     import subprocess
@@ -113,10 +108,15 @@ def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
     clean()
     proc = run_main(args)
     assert proc.returncode == 0, tail(proc)
+    assert "[eval] 20/20 images (100%)" in proc.stderr
     whole = json.load(open(trained / "eval.json"))
     with np.load(trained / "samples" / "samples.npz") as z:
-        whole_images = z["images"]
+        whole_images, labels = z["images"], z["labels"]
+    assert whole_images.dtype == np.uint8 and whole_images.shape == (20, 32, 32, 1)
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
     assert whole["shards"] == 5 and whole["resumed_images"] == 0 and whole["num_samples"] == 20
+    assert 0.0 <= whole["class_consistency"] <= 1.0 and 0.0 <= whole["precision"] <= 1.0
+    assert whole["digit_fd"] > whole["real_vs_real_fd"] >= 0.0 and whole["digit_is"] >= 1.0
 
     clean()
     killed = subprocess.Popen(main_cmd(args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
@@ -176,3 +176,47 @@ def test_eval_with_two_processes(trained, tmp_path):
     assert len(list((work / "eval").glob("*/shard_*.npz"))) == 3
     with np.load(work / "samples" / "samples.npz") as z:
         assert z["images"].shape == (20, 32, 32, 1)
+
+
+@pytest.mark.parity
+def test_eval_with_inception_end_to_end(trained, tmp_path):
+    """eval.metric=inception through the same runner: the parity fixture's Inception (rebuilt from its recipe), a
+    --mode=reference file of the test digits; eval.json carries FID / IS / precision / recall, ADM-keyed samples; the
+    policy search's 'fid' metric."""
+    import shutil
+
+    from jaxgen import config as config_lib
+    from jaxgen import pipeline
+    from tests.parity.fixtures import fixtures_of
+    from tests.parity.test_inception import rebuild_weights
+
+    fx = fixtures_of("inception")
+    assert fx, "no inception parity fixture"
+    weights = tmp_path / "inception.npz"
+    np.savez(weights, **rebuild_weights(fx[0].meta))
+    work = tmp_path / "copy"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("eval", "eval.json"))
+    config = config_lib.load("configs/mar_tiny.py:runlocal", {
+        "eval.metric": "inception", "eval.inception_weights": str(weights), "eval.reference_split": "test",
+        "eval.reference_limit": 24, "eval.feature_batch": 10, "eval.samples_npz": "adm", "eval.shard_size": 10,
+        "sample.batch_size": 10, "eval.fid_method": "eigh"})
+    ref = pipeline.reference(config, str(tmp_path / "ref"))
+    assert ref["num_examples"] == 24
+    with config.unlocked():
+        config.eval.reference = ref["path"]
+    result = pipeline.evaluate(config, str(work))
+    assert result["metric"] == "inception" and result["num_samples"] == 20 and result["shards"] == 2
+    assert result["fid"] > 0 and result["inception_score"] >= 1.0
+    assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+    assert json.load(open(work / "eval.json"))["fid"] == result["fid"]
+    with np.load(work / "samples" / "samples.npz") as z:
+        assert z["arr_0"].shape == (20, 32, 32, 1) and z["arr_1"].shape == (20,)
+
+    # the policy search's 'fid': the same extractor and reference; ~0 for the reference images themselves
+    from jaxgen.data.digits import load_digits
+    from jaxgen.search import metrics
+
+    fid = metrics.build("fid", config)
+    images, labels = load_digits("test")
+    assert abs(fid(images[:24], labels[:24])) < 1e-3
+    assert fid(np.random.default_rng(0).integers(0, 255, (24, 32, 32, 1), dtype=np.uint8), labels[:24]) > 1.0

@@ -31,9 +31,26 @@ def feature_stats(features) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), as pytorch-fid's / ADM's `calculate_frechet_distance`."""
+FID_METHODS = ("sqrtm", "eigh")
+
+
+def _trace_sqrt_product_eigh(sigma1, sigma2) -> float:
+    """tr((S1 S2)^1/2) = sum of sqrt(eigenvalues of S1^1/2 S2 S1^1/2) (similar matrices, symmetric PSD): two
+    symmetric eigendecompositions instead of a Schur-based sqrtm."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2). method 'sqrtm': scipy's sqrtm of S1 S2, as
+    pytorch-fid's / ADM's `calculate_frechet_distance` (19 s for 2048-d on 2 CPU cores); 'eigh': the same trace from
+    symmetric eigendecompositions (~1e-9 relative difference, several times faster: policy searches)."""
     from scipy import linalg
+
+    if method not in FID_METHODS:
+        raise ValueError(f"FID method must be one of {FID_METHODS}, got {method!r}")
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -41,6 +58,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"Frechet distance of statistics of different sizes: {mu1.shape} vs {mu2.shape}"
                          " (features of different extractors?)")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
+                     - 2.0 * _trace_sqrt_product_eigh(sigma1, sigma2))
     with warnings.catch_warnings():  # singular products (dead ReLU features) are handled below, as the reference does
         warnings.simplefilter("ignore")
         covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)

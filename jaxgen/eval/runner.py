@@ -44,6 +44,8 @@ def check(config) -> None:
     if e.inception_score not in M.IS_CONVENTIONS:
         raise ConfigError(f"config.eval.inception_score={e.inception_score!r} is not one of "
                           f"{', '.join(M.IS_CONVENTIONS)}")
+    if e.fid_method not in M.FID_METHODS:
+        raise ConfigError(f"config.eval.fid_method={e.fid_method!r} is not one of {', '.join(M.FID_METHODS)}")
     for key in ("shard_size", "feature_batch", "is_splits", "pr_k"):
         if int(e[key]) < 1:
             raise ConfigError(f"config.eval.{key}={e[key]!r} must be >= 1")
@@ -199,7 +201,7 @@ def evaluate(config, workdir: str) -> dict:
 def _metrics(config, extractor, reference, pool, logits, labels) -> dict:
     e = config.eval
     mu, sigma = M.feature_stats(pool)
-    fd = M.frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    fd = M.frechet_distance(mu, sigma, reference.mu, reference.sigma, method=e.fid_method)
     is_mean, is_std = M.inception_score(logits, e.is_splits, e.inception_score)
     out: Dict[str, Optional[float]] = {"metric": e.metric}
     if e.precision_recall and reference.pool is not None:

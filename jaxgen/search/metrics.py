@@ -57,7 +57,8 @@ def _fid(config, mesh=None) -> Metric:
         raise ConfigError("search metric 'fid' needs the run config (config.eval.inception_weights / reference)")
     extractor = InceptionExtractor(config.eval.inception_weights, config.eval.feature_batch, mesh, config.mesh.rules)
     ref = reference.load(config.eval.reference, extractor)
-    return lambda images, labels: frechet_distance(*feature_stats(extractor(images)["pool"]), ref.mu, ref.sigma)
+    return lambda images, labels: frechet_distance(*feature_stats(extractor(images)["pool"]), ref.mu, ref.sigma,
+                                                   method=config.eval.fid_method)
 
 
 register("fid", _fid)

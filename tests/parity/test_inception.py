@@ -100,37 +100,3 @@ def test_inception_loads_a_torch_file_without_torch(fixture, tmp_path):
     broken = {k: v for k, v in sd.items() if k != "Mixed_6b.branch7x7_2.bn.running_var"}
     with pytest.raises(KeyError, match="Mixed_6b.branch7x7_2.bn.running_var"):
         convert_state_dict(broken)
-
-
-@pytest.mark.parity
-@parametrize_fixtures("inception")
-def test_fid_is_a_search_metric_and_an_eval_reference(fixture, tmp_path):
-    """The fixture's Inception (saved as .npz) behind config.eval: --mode=reference statistics of the digits, then the
-    policy-search metric 'fid' of real digits against them (grayscale repeated to RGB) is ~0 for the same images
-    and larger for noise."""
-    from configs.nat_tiny import get_config
-    from jaxgen.data.digits import load_digits
-    from jaxgen.eval import reference
-    from jaxgen.eval.features import InceptionExtractor
-    from jaxgen.search import metrics
-
-    fx = require(fixture)
-    weights = tmp_path / "inception.npz"
-    np.savez(weights, **rebuild_weights(fx.meta))
-    config = get_config("")
-    with config.unlocked():
-        config.eval.metric = "inception"
-        config.eval.inception_weights = str(weights)
-        config.eval.reference_split = "test"
-        config.eval.reference_limit = 24
-        config.eval.feature_batch = 8
-    out = str(tmp_path / "ref.npz")
-    info = reference.compute(config, out, InceptionExtractor(str(weights), batch_size=8))
-    assert info["num_examples"] == 24 and info["extractor"] == "inception"
-    with config.unlocked():
-        config.eval.reference = out
-    fid = metrics.build("fid", config)
-    images, labels = load_digits("test")
-    same = fid(images[:24], labels[:24])
-    noise = fid(np.random.default_rng(0).integers(0, 255, (24, 32, 32, 1), dtype=np.uint8), labels[:24])
-    assert abs(same) < 1e-3 and noise > 1.0 + same
