@@ -122,7 +122,7 @@ def _collate(examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]
     return _to_model_arrays({k: np.stack([e[k] for e in examples]) for k in examples[0]})
 
 
-def _read_options(source, data_cfg, batch_rows: int) -> grain.ReadOptions:
+def read_options(source, data_cfg, batch_rows: int) -> grain.ReadOptions:
     prefetch = int(data_cfg.get("prefetch", 2))
     if _in_memory(source) or prefetch <= 0:
         return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -196,7 +196,7 @@ def make_train_iterator(data_cfg, batch_keys: Sequence[str], global_batch_size: 
     # After shuffle and flip: process p reads rows p*b .. (p+1)*b-1 of every global batch of the single-process
     # stream, so the assembled global batch (and every per-row random draw) is the same for any process count.
     ds = _ProcessRows(ds, global_batch_size, pi, pc)
-    it_ds = ds.to_iter_dataset(_read_options(source, data_cfg, local_batch))
+    it_ds = ds.to_iter_dataset(read_options(source, data_cfg, local_batch))
     it_ds = it_ds.batch(local_batch, drop_remainder=True, batch_fn=_collate)
     if workers > 0:
         _mark_absl_parsed()
@@ -246,7 +246,7 @@ def iterate_dataset_once(data_cfg, batch_size: int, split: Optional[str] = None,
     num_batches = -(-n // batch_size)
     positions = np.arange(num_batches * batch_size).reshape(num_batches, pc, local)[:, pi].reshape(-1)
     ds = grain.MapDataset.source(_PaddedRows(source, positions, n))
-    it_ds = ds.to_iter_dataset(_read_options(source, data_cfg, local)).batch(local, batch_fn=_collate)
+    it_ds = ds.to_iter_dataset(read_options(source, data_cfg, local)).batch(local, batch_fn=_collate)
     yield from it_ds
 
 
@@ -262,7 +262,7 @@ def make_eval_arrays(data_cfg, split: str, limit: Optional[int] = None) -> Tuple
     n = len(source) if limit is None else min(limit, len(source))
     if n == 0:
         raise DataError(f"data source {source!r} is empty: point data.data_dir / data.split at real data")
-    ds = grain.MapDataset.source(source)[:n].to_iter_dataset(_read_options(source, data_cfg, 64))
+    ds = grain.MapDataset.source(source)[:n].to_iter_dataset(read_options(source, data_cfg, 64))
     examples = list(ds)
     return (np.stack([e["image"] for e in examples]).astype(np.uint8),
             np.asarray([e["label"] for e in examples], np.int32))

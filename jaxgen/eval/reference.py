@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import jax
 import numpy as np
 
 from jaxgen.errors import ConfigError, DataError
@@ -67,7 +68,7 @@ def _featurise_cached(path, z, extractor, cache_dir):
                         f"{images.shape}")
     logging.info("eval: features of the %d reference images of %s", len(images), path)
     pool = extractor(images)["pool"]
-    if cache:
+    if cache and jax.process_index() == 0:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = cache + ".tmp.npy"
         np.save(tmp, pool)
@@ -145,8 +146,7 @@ def compute(config, out_path: str, extractor, batch_size: int = 0) -> dict:
     keep = np.zeros(n, bool)
     keep[np.random.RandomState(0).choice(n, min(n, int(config.eval.reference_features)), replace=False)] = True
     batch = int(batch_size or config.eval.feature_batch)
-    ds = grain.MapDataset.source(source)[:n].to_iter_dataset(
-        grain.ReadOptions(num_threads=max(1, int(data_cfg.num_workers) or 4), prefetch_buffer_size=2 * batch))
+    ds = grain.MapDataset.source(source)[:n].to_iter_dataset(data_pipeline.read_options(source, data_cfg, batch))
     moments, kept, shown = None, [], Progress("reference", n)
     images, done = [], 0
 

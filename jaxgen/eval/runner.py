@@ -159,7 +159,7 @@ def evaluate(config, workdir: str) -> dict:
     if resumed:
         logging.info("eval: resuming %s: %d of %d shards done", store.directory, int(done.sum()), num_shards)
     shown = Progress("eval", n, done_before=resumed)
-    gen_seconds = 0.0
+    finished, gen_seconds = resumed, 0.0
     for s in range(num_shards):
         if done[s]:
             continue
@@ -175,11 +175,10 @@ def evaluate(config, workdir: str) -> dict:
         if keep_images:
             arrays["images"] = images
         store.write(s, **arrays)
-        shown.update(hi)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxgen_eval_shards")
+        finished += hi - lo
+        shown.update(finished)
+    if jax.process_index() != 0:  # process 0 wrote the shards; it alone reads them and scores (no collectives)
+        return {"metric": config.eval.metric, "num_samples": n, "process": jax.process_index()}
 
     shards = [store.read(s, ("pool", "logits", "grid_images", "grid_labels")) for s in range(num_shards)]
     pool = np.concatenate([d["pool"] for d in shards])
@@ -192,8 +191,7 @@ def evaluate(config, workdir: str) -> dict:
                   mesh=dict(shape=list(mesh.devices.shape), axes=list(mesh.axis_names),
                             devices=int(mesh.devices.size), processes=jax.process_count(),
                             platform=jax.devices()[0].platform))
-    if jax.process_index() == 0:
-        _write_outputs(config, workdir, store, shards, labels, result)
+    _write_outputs(config, workdir, store, shards, labels, result)
     logging.info("eval: %s", {k: v for k, v in result.items() if k != "settings"})
     return result
 
