@@ -251,6 +251,8 @@ def reference(config, workdir: str) -> dict:
     from jaxgen.eval import runner
 
     preflight.check_reference(config, workdir)
+    if jax.process_index() != 0:  # one pass on one process (a single reader; launch it as one process)
+        return {}
     extractor = runner.build_extractor(config, mesh=None)
     out = os.path.join(workdir, f"reference_{config.eval.reference_split}.npz")
     result = reference_lib.compute(config, out, extractor)

@@ -87,8 +87,7 @@ def check_reference(config, workdir: str) -> None:
     from jaxgen.eval import runner as eval_runner
 
     _check_writable(workdir)
-    if config.eval.metric not in eval_runner.METRICS:
-        raise ConfigError(f"config.eval.metric={config.eval.metric!r} is not one of {', '.join(eval_runner.METRICS)}")
+    eval_runner.check_values(config)
     if config.eval.metric == "inception" and not os.path.isfile(config.eval.inception_weights or ""):
         raise ConfigError(f"config.eval.inception_weights={config.eval.inception_weights!r} is not a file: pass "
                           "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")

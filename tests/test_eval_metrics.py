@@ -79,6 +79,8 @@ def test_running_moments_equal_two_pass_statistics():
 
 class _FakeExtractor:
     name = "inception"
+    feature_dim = 4
+    identity = "fake-v1"
 
     def __call__(self, images):
         return {"pool": images.reshape(len(images), -1)[:, :4].astype(np.float32)}
@@ -103,6 +105,11 @@ def test_reference_files_of_each_kind(tmp_path):
         R.load(str(ours), _FakeExtractor())
     with pytest.raises(ConfigError, match="does not exist"):
         R.load(str(tmp_path / "missing.npz"), _FakeExtractor())
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, mu=np.zeros(8), sigma=np.eye(8))
+    with pytest.raises(ConfigError, match="8-d statistics but the inception features are 4-d"):
+        R.validate(str(wide), "inception", 4)
+    assert R.load(str(adm), _FakeExtractor(), need_pool=False).pool is None  # FID only: arr_0 not featurised
 
 
 def test_streamed_npz_is_a_normal_npz(tmp_path):

@@ -113,7 +113,7 @@ def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
     with np.load(trained / "samples" / "samples.npz") as z:
         whole_images, labels = z["images"], z["labels"]
     assert whole_images.dtype == np.uint8 and whole_images.shape == (20, 32, 32, 1)
-    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+    np.testing.assert_array_equal(labels, np.tile(np.arange(10), 2))  # interleaved: class-balanced shards / splits
     assert whole["shards"] == 5 and whole["resumed_images"] == 0 and whole["num_samples"] == 20
     assert 0.0 <= whole["class_consistency"] <= 1.0 and 0.0 <= whole["precision"] <= 1.0
     assert whole["digit_fd"] > whole["real_vs_real_fd"] >= 0.0 and whole["digit_is"] >= 1.0
@@ -143,7 +143,7 @@ def test_eval_survives_kill_9_and_resumes_to_the_same_result(trained, tmp_path):
 
 
 def test_eval_on_8_devices(trained, tmp_path):
-    """The same eval on 8 simulated devices: sampling and the feature extractor split over the mesh."""
+    """The same eval on 8 simulated devices: sampling split over the mesh (the digit classifier runs locally)."""
     import shutil
 
     work = tmp_path / "copy"

@@ -7,10 +7,13 @@ and class consistency}, float32 on the host:
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import numpy as np
+
+from jaxgen.eval import digit_metric
 
 
 def batched_apply(fn: Callable[[jax.Array], Dict[str, jax.Array]], images: np.ndarray, batch_size: int,
@@ -46,9 +49,12 @@ def batched_apply(fn: Callable[[jax.Array], Dict[str, jax.Array]], images: np.nd
 
 
 class Extractor:
-    """name, `feature_dim`, and __call__(images uint8 NHWC) -> {'pool': (N, D), 'logits': (N, K)} float32."""
+    """name, `feature_dim`, `identity` (what its features depend on: weights file, version), and
+    __call__(images uint8 NHWC) -> {'pool': (N, D), 'logits': (N, K)} float32."""
 
     name = ""
+    feature_dim = 0
+    identity = ""
 
     def __call__(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         raise NotImplementedError
@@ -56,11 +62,14 @@ class Extractor:
 
 class InceptionExtractor(Extractor):
     name = "inception"
+    feature_dim = 2048
 
     def __init__(self, weights_path: str, batch_size: int = 100, mesh=None, rules=None):
         from jaxgen.eval.inception import InceptionFID
 
         self.net = InceptionFID.load(weights_path, batch_size=batch_size, mesh=mesh, rules=rules)
+        st = os.stat(weights_path)
+        self.identity = f"{os.path.abspath(weights_path)}:{st.st_size}:{st.st_mtime_ns}"
 
     def __call__(self, images):
         f = self.net(images, features=("2048", "logits_unbiased"))
@@ -68,12 +77,14 @@ class InceptionExtractor(Extractor):
 
 
 class DigitExtractor(Extractor):
+    """Runs on one device of each process (a 0.1 MFLOP classifier: nothing to gain from the mesh)."""
+
     name = "digits"
+    feature_dim = digit_metric.FEATURE_DIM
+    identity = digit_metric.VERSION
 
     def __init__(self, metric=None):
-        from jaxgen.eval.digit_metric import DigitMetric
-
-        self.metric = metric or DigitMetric.load_or_train()
+        self.metric = metric or digit_metric.DigitMetric.load_or_train()
 
     def __call__(self, images):
         logits, pool = self.metric.logits_and_features(images)

@@ -255,7 +255,12 @@ class InceptionFID:
     batches (one compilation), the batch sharded over `mesh`'s batch axes when given."""
 
     def __init__(self, params, batch_size: int = 100, mesh=None, rules: Optional[Sequence] = None):
-        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        if mesh is not None:  # replicated once, not copied to the devices with every batch
+            from jaxgen.train.restore import replicate
+
+            self.params = replicate(params, mesh)
+        else:
+            self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.batch_size = int(batch_size)
         self.mesh, self.rules = mesh, rules
         self._apply = jax.jit(lambda p, x: InceptionV3().apply({"params": p}, x))

@@ -12,6 +12,7 @@ precision_recall   ADM's ManifoldEstimator (k = 3): a sample counts for precisio
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Tuple
@@ -61,16 +62,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
     if method == "eigh":
         return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
                      - 2.0 * _trace_sqrt_product_eigh(sigma1, sigma2))
-    with warnings.catch_warnings():  # singular products (dead ReLU features) are handled below, as the reference does
-        warnings.simplefilter("ignore")
-        covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    def sqrtm(a):
+        # singular products (dead ReLU features) are handled below, as the reference does; no `disp` argument:
+        # scipy 1.17 deprecates it, and without it every version returns the matrix alone
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return linalg.sqrtm(a)
+
+    covmean = sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         logging.warning("fid: singular product of covariances; adding %g to the diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            logging.warning("fid: sqrtm has imaginary component %g", float(np.max(np.abs(covmean.imag))))
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):  # pytorch-fid and ADM raise here too
+            raise ValueError(f"fid: sqrtm has an imaginary component {float(np.max(np.abs(covmean.imag))):.3g}")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
@@ -113,6 +119,16 @@ def _sq_distances(a, b):
     return jnp.maximum(aa - 2.0 * ab + bb, 0.0)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _kth_distance(rows, features, k):
+    return -jax.lax.top_k(-_sq_distances(rows, features), k + 1)[0][:, k]
+
+
+@jax.jit
+def _within_some_radius(points, centres, radii):
+    return jnp.any(_sq_distances(points, centres) <= radii[None, :], axis=1)
+
+
 def _blocks(n: int, block: int):
     return [(i, min(i + block, n)) for i in range(0, n, block)]
 
@@ -121,16 +137,16 @@ def manifold_radii(features, k: int = 3, block: int = 1000) -> np.ndarray:
     """Squared distance of each feature to its k-th nearest other feature (position k of the sorted row, the
     zero self-distance at position 0), as ADM's `manifold_radii`."""
     f = jnp.asarray(np.asarray(features, np.float32))
-    kth = jax.jit(lambda d: -jax.lax.top_k(-d, k + 1)[0][:, k])
-    return np.concatenate([np.asarray(kth(_sq_distances(f[lo:hi], f))) for lo, hi in _blocks(len(f), block)])
+    return np.concatenate([np.asarray(_kth_distance(f[lo:hi], f, k)) for lo, hi in _blocks(len(f), block)])
 
 
 def _covered(points, centres, radii, block: int) -> np.ndarray:
-    """For each point: is it within radii[j] of some centres[j]?"""
+    """For each point: is it within radii[j] of some centres[j]? (centres / radii are arguments, not constants
+    baked into the compiled program)"""
     c, r = jnp.asarray(centres, jnp.float32), jnp.asarray(radii, jnp.float32)
-    hit = jax.jit(lambda p: jnp.any(_sq_distances(p, c) <= r[None, :], axis=1))
     p = np.asarray(points, np.float32)
-    return np.concatenate([np.asarray(hit(jnp.asarray(p[lo:hi]))) for lo, hi in _blocks(len(p), block)])
+    return np.concatenate([np.asarray(_within_some_radius(jnp.asarray(p[lo:hi]), c, r))
+                           for lo, hi in _blocks(len(p), block)])
 
 
 def precision_recall(reference, samples, k: int = 3, block: int = 1000) -> Tuple[float, float]:

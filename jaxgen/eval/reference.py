@@ -34,32 +34,46 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def load(path: str, extractor, cache_dir: Optional[str] = None) -> Reference:
-    """The reference of `path` for `extractor`; ADM `arr_0` images are featurised once and cached in `cache_dir`."""
+def validate(path: str, extractor_name: str, feature_dim: int) -> None:
+    """Cheap checks of a reference file before any sample is generated: it exists, holds statistics / features /
+    images, was made with this metric's extractor, and its statistics have the extractor's feature size."""
     if not os.path.isfile(path):
         raise ConfigError(f"config.eval.reference={path!r} does not exist: download ADM's reference batch (e.g."
                           " VIRTUAL_imagenet256_labeled.npz) or compute one with --mode=reference")
     with np.load(path) as z:
         keys = set(z.files)
         made_by = str(z["extractor"]) if "extractor" in keys else ""
-        if made_by and made_by != extractor.name:
+        if made_by and made_by != extractor_name:
             raise ConfigError(f"config.eval.reference {path} holds {made_by} features but config.eval.metric is "
-                              f"{extractor.name!r}: compute a reference with this metric (--mode=reference)")
+                              f"{extractor_name!r}: compute a reference with this metric (--mode=reference)")
+        if not ({"mu", "sigma"} <= keys or "pool" in keys or "arr_0" in keys):
+            raise DataError(f"config.eval.reference {path} has neither mu / sigma nor images (arr_0) nor features "
+                            f"(pool); it holds {sorted(keys)}")
+        dim = z["mu"].shape[-1] if "mu" in keys else (z["pool"].shape[-1] if "pool" in keys else feature_dim)
+    if dim != feature_dim:
+        raise ConfigError(f"config.eval.reference {path} has {dim}-d statistics but the {extractor_name} features are "
+                          f"{feature_dim}-d: use a reference made with config.eval.metric={extractor_name!r}")
+
+
+def load(path: str, extractor, cache_dir: Optional[str] = None, need_pool: bool = True) -> Reference:
+    """The reference of `path` for `extractor`; ADM `arr_0` images are featurised (only when `need_pool`, or when the
+    file has no mu / sigma) once and cached in `cache_dir`."""
+    validate(path, extractor.name, extractor.feature_dim)
+    with np.load(path) as z:
+        keys = set(z.files)
         mu = np.asarray(z["mu"], np.float64) if "mu" in keys else None
         sigma = np.asarray(z["sigma"], np.float64) if "sigma" in keys else None
         pool = np.asarray(z["pool"], np.float32) if "pool" in keys else None
-        if pool is None and "arr_0" in keys:
+        if pool is None and "arr_0" in keys and (need_pool or mu is None or sigma is None):
             pool = _featurise_cached(path, z, extractor, cache_dir)
     if mu is None or sigma is None:
-        if pool is None:
-            raise DataError(f"config.eval.reference {path} has neither mu / sigma nor images (arr_0) nor features "
-                            f"(pool); it holds {sorted(keys)}")
         mu, sigma = feature_stats(pool)
     return Reference(mu, sigma, pool, os.path.abspath(path))
 
 
 def _featurise_cached(path, z, extractor, cache_dir):
-    cache = os.path.join(cache_dir, f"reference_{extractor.name}_{_file_digest(path)}.npy") if cache_dir else ""
+    key = hashlib.sha256(f"{_file_digest(path)}:{extractor.identity}".encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"reference_{extractor.name}_{key}.npy") if cache_dir else ""
     if cache and os.path.isfile(cache):
         return np.load(cache)
     images = np.asarray(z["arr_0"])
@@ -86,9 +100,9 @@ def digits_reference(extractor) -> Reference:
     return Reference(mu, sigma, pool, "digits:test")
 
 
-def for_config(config, extractor, cache_dir: Optional[str] = None) -> Reference:
+def for_config(config, extractor, cache_dir: Optional[str] = None, need_pool: bool = True) -> Reference:
     if config.eval.reference:
-        return load(config.eval.reference, extractor, cache_dir)
+        return load(config.eval.reference, extractor, cache_dir, need_pool)
     if config.eval.metric == "digits":
         return digits_reference(extractor)
     raise ConfigError("config.eval.reference is empty: give ADM's VIRTUAL_imagenet256_labeled.npz, a pytorch-fid / "
@@ -111,11 +125,6 @@ class RunningMoments:
         self.total += f.sum(0)
         self.outer += f.T @ f
 
-    def merge(self, other: "RunningMoments") -> None:
-        self.n += other.n
-        self.total += other.total
-        self.outer += other.outer
-
     def stats(self):
         if self.n < 2:
             raise DataError(f"reference statistics need at least 2 examples, got {self.n}")
@@ -134,12 +143,7 @@ def compute(config, out_path: str, extractor, batch_size: int = 0) -> dict:
 
     data_cfg = config.data
     split = config.eval.reference_split
-    if data_cfg.source == "digits":
-        from jaxgen.data.sources import DigitsSource
-
-        source = DigitsSource(split)
-    else:
-        source = data_pipeline.build_source(data_cfg, split)
+    source = data_pipeline.build_source(data_cfg, split)
     n = len(source) if not config.eval.reference_limit else min(len(source), int(config.eval.reference_limit))
     if n < 2:
         raise DataError(f"data source {source!r} has {n} examples; reference statistics need at least 2")

@@ -30,12 +30,13 @@ from jaxgen.eval import reference as reference_lib
 from jaxgen.eval.features import DigitExtractor, InceptionExtractor
 
 METRICS = ("digits", "inception")
+FEATURE_DIMS = {"digits": DigitExtractor.feature_dim, "inception": InceptionExtractor.feature_dim}
 SAMPLES_NPZ = ("jaxgen", "adm", "none")
 _GRID_CLASSES = 10  # the grid shows the first classes only (1000 ImageNet rows would be unreadable)
 
 
-def check(config) -> None:
-    """Config errors of --mode=eval, before anything loads."""
+def check_values(config) -> None:
+    """The config.eval values every eval-related mode reads (eval, reference, a search on FID)."""
     e = config.eval
     if e.metric not in METRICS:
         raise ConfigError(f"config.eval.metric={e.metric!r} is not one of {', '.join(METRICS)}")
@@ -46,14 +47,31 @@ def check(config) -> None:
                           f"{', '.join(M.IS_CONVENTIONS)}")
     if e.fid_method not in M.FID_METHODS:
         raise ConfigError(f"config.eval.fid_method={e.fid_method!r} is not one of {', '.join(M.FID_METHODS)}")
-    for key in ("shard_size", "feature_batch", "is_splits", "pr_k"):
+    for key in ("shard_size", "feature_batch", "is_splits", "pr_k", "reference_features"):
         if int(e[key]) < 1:
             raise ConfigError(f"config.eval.{key}={e[key]!r} must be >= 1")
+    if int(e.reference_limit) < 0:
+        raise ConfigError(f"config.eval.reference_limit={e.reference_limit!r} must be >= 0 (0: all examples)")
+
+
+def check(config) -> None:
+    """Config errors of --mode=eval, before anything loads or generates."""
+    e = config.eval
+    check_values(config)
     if e.metric == "digits" and config.data.source != "digits":
         raise ConfigError("config.eval.metric='digits' scores samples with the embedded digit classifier, which "
                           "needs a model of the bundled digits (data.source='digits'); use eval.metric='inception'")
     if e.metric == "inception":
         check_inception_files(config)
+    n = int(config.data.num_classes) * int(config.sample.num_per_class)
+    if e.inception_score == "torch_fidelity" and n < int(e.is_splits):
+        raise ConfigError(f"{n} samples are fewer than config.eval.is_splits={e.is_splits}: raise "
+                          "sample.num_per_class or lower eval.is_splits")
+    if e.precision_recall and n <= int(e.pr_k):
+        raise ConfigError(f"precision / recall with config.eval.pr_k={e.pr_k} needs more than {e.pr_k} samples "
+                          f"(N = {n}); raise sample.num_per_class or set eval.precision_recall=False")
+    if e.reference:
+        reference_lib.validate(e.reference, e.metric, FEATURE_DIMS[e.metric])
 
 
 def check_inception_files(config) -> None:
@@ -108,9 +126,27 @@ class ShardStore:
             return {k: z[k] for k in keys}
 
 
-def fingerprint(config, weights: str, num: int, shard: int, extractor_name: str) -> str:
-    spec = dict(weights=weights, sample=config.sample.to_dict(), seed=int(config.seed), num=num, shard=shard,
-                extractor=extractor_name, inception=os.path.abspath(config.eval.inception_weights or "-"),
+def _stamp(path: str) -> str:
+    """path + size + mtime of a file or directory (a re-converted export in the same place is new weights)."""
+    try:
+        st = os.stat(path)
+        return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return path
+
+
+def fingerprint(config, workdir: str, family, weights: str, num: int, shard: int, batch: int, extractor) -> str:
+    """What the shards' contents depend on: the generator's weights (source, step, file stamp), its tokenizer's
+    weights and config, the model / sampling settings, the seed, N, the shard and batch sizes (chunk c of the label
+    list draws fold_in(seed, c)), the extractor and whether images are kept."""
+    from jaxgen import pipeline
+    from jaxgen.train import restore
+
+    _, path = restore.find_source(config, workdir)
+    tokenizer = _stamp(pipeline.tokenizer_source(config, workdir)) if family.tokenizer is not None else ""
+    spec = dict(weights=weights, weights_stamp=_stamp(path), tokenizer=tokenizer,
+                tokenizer_config=config.tokenizer.to_dict(), sample=config.sample.to_dict(), seed=int(config.seed),
+                num=num, shard=shard, batch=batch, extractor=extractor.name, extractor_identity=extractor.identity,
                 family=config.family, model=config.model.to_dict(), keep_images=config.eval.samples_npz != "none")
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -144,16 +180,16 @@ def evaluate(config, workdir: str) -> dict:
     family, params, frozen, mesh, weights = pipeline.load_for_sampling(config, workdir, "eval", with_source=True)
     extractor = build_extractor(config, mesh)
     eval_root = os.path.join(workdir, "eval")
-    reference = reference_lib.for_config(config, extractor, cache_dir=eval_root)
-
-    labels = sampling.class_labels(config.data.num_classes, config.sample.num_per_class)
+    # interleaved classes: every shard and every consecutive IS split of ADM's evaluator is class-balanced
+    labels = sampling.class_labels(config.data.num_classes, config.sample.num_per_class, interleaved=True)
     n = len(labels)
     sampler = sampling.Sampler(family, mesh, config.mesh.rules)
     batch = sampler.batch_size(config.sample.batch_size)
     shard = -(-int(config.eval.shard_size) // batch) * batch
     num_shards = -(-n // shard)
     keep_images = config.eval.samples_npz != "none"
-    store = ShardStore(os.path.join(eval_root, fingerprint(config, weights, n, shard, extractor.name)))
+    store = ShardStore(os.path.join(eval_root, fingerprint(config, workdir, family, weights, n, shard, batch,
+                                                           extractor)))
     done = store.done(num_shards)
     resumed = int(sum(min(shard, n - s * shard) for s in np.flatnonzero(done)))
     if resumed:
@@ -177,9 +213,21 @@ def evaluate(config, workdir: str) -> dict:
         store.write(s, **arrays)
         finished += hi - lo
         shown.update(finished)
-    if jax.process_index() != 0:  # process 0 wrote the shards; it alone reads them and scores (no collectives)
-        return {"metric": config.eval.metric, "num_samples": n, "process": jax.process_index()}
+    result = {"metric": config.eval.metric, "num_samples": n, "process": jax.process_index()}
+    if jax.process_index() == 0:  # process 0 wrote the shards; it alone reads them and scores, on its own devices
+        result = _score(config, workdir, store, labels, t0, resumed, gen_seconds, shard, weights, mesh)
+    if jax.process_count() > 1:  # nobody exits (and starts the distributed shutdown clock) while process 0 scores
+        from jax.experimental import multihost_utils
 
+        multihost_utils.sync_global_devices("jaxgen_eval_done")
+    return result
+
+
+def _score(config, workdir, store, labels, t0, resumed, gen_seconds, shard, weights, mesh) -> dict:
+    n, num_shards = len(labels), -(-len(labels) // shard)
+    extractor = build_extractor(config, mesh=None)  # local: only this process featurises an ADM reference batch
+    reference = reference_lib.for_config(config, extractor, cache_dir=os.path.join(workdir, "eval"),
+                                         need_pool=bool(config.eval.precision_recall))
     shards = [store.read(s, ("pool", "logits", "grid_images", "grid_labels")) for s in range(num_shards)]
     pool = np.concatenate([d["pool"] for d in shards])
     logits = np.concatenate([d["logits"] for d in shards])

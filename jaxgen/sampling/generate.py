@@ -22,9 +22,12 @@ from jaxgen.parallel import sharding as sh
 from jaxgen.utils.images import make_grid, save_png, to_uint8
 
 
-def class_labels(num_classes: int, per_class: int) -> np.ndarray:
-    """[0]*per_class + [1]*per_class + ...: class-major, so grids show one class per row block."""
-    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+def class_labels(num_classes: int, per_class: int, interleaved: bool = False) -> np.ndarray:
+    """[0]*per_class + [1]*per_class + ...: class-major, so grids show one class per row block. `interleaved`:
+    0, 1, ..., C-1, 0, 1, ... (evaluation: every shard and every consecutive IS split is class-balanced, as ADM's
+    evaluator needs for its splits of 5,000)."""
+    classes = np.arange(num_classes, dtype=np.int32)
+    return np.tile(classes, per_class) if interleaved else np.repeat(classes, per_class)
 
 
 class Sampler:

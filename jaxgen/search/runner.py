@@ -57,6 +57,7 @@ def check(config, family, workdir: str = "") -> None:
     if s.metric == "fid":
         from jaxgen.eval import runner as eval_runner
 
+        eval_runner.check_values(config)
         eval_runner.check_inception_files(config)
     if s.num_samples < int(config.data.num_classes) or s.updates < 0 or not 0 <= s.momentum < 1:
         raise ConfigError("config.search needs num_samples >= the number of classes, updates >= 0 and momentum in "
