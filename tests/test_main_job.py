@@ -198,10 +198,10 @@ def test_eval_with_inception_end_to_end(trained, tmp_path):
     shutil.copytree(trained, work, ignore=shutil.ignore_patterns("eval", "eval.json"))
     config = config_lib.load("configs/mar_tiny.py:runlocal", {
         "eval.metric": "inception", "eval.inception_weights": str(weights), "eval.reference_split": "test",
-        "eval.reference_limit": 24, "eval.feature_batch": 10, "eval.samples_npz": "adm", "eval.shard_size": 10,
+        "eval.reference_limit": 16, "eval.feature_batch": 10, "eval.samples_npz": "adm", "eval.shard_size": 10,
         "sample.batch_size": 10, "eval.fid_method": "eigh"})
     ref = pipeline.reference(config, str(tmp_path / "ref"))
-    assert ref["num_examples"] == 24
+    assert ref["num_examples"] == 16
     with config.unlocked():
         config.eval.reference = ref["path"]
     result = pipeline.evaluate(config, str(work))
@@ -218,5 +218,5 @@ def test_eval_with_inception_end_to_end(trained, tmp_path):
 
     fid = metrics.build("fid", config)
     images, labels = load_digits("test")
-    assert abs(fid(images[:24], labels[:24])) < 1e-3
-    assert fid(np.random.default_rng(0).integers(0, 255, (24, 32, 32, 1), dtype=np.uint8), labels[:24]) > 1.0
+    assert abs(fid(images[:16], labels[:16])) < 1e-3
+    assert fid(np.random.default_rng(0).integers(0, 255, (16, 32, 32, 1), dtype=np.uint8), labels[:16]) > 1.0
