@@ -10,7 +10,7 @@ from jaxgen.convert.kl_vae import _torch_name, convert_kl_vae, kl_vae_module
 from jaxgen.errors import ConfigError
 from jaxgen.families import build
 from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample
-from jaxgen.tokenizers.kl_vae import AutoencoderKL, DiagonalGaussian
+from jaxgen.tokenizers.kl_vae import DiagonalGaussian
 
 
 @pytest.fixture(scope="module")

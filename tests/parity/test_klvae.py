@@ -1,7 +1,6 @@
 """Parity of jaxgen's KL-VAE with the official MAR AutoencoderKL (fixture kind 'klvae', README section C)."""
 import re
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

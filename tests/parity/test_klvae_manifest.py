@@ -8,7 +8,6 @@ import pytest
 
 from configs.kl16 import get_config
 from jaxgen.convert.kl_vae import expected_shapes, kl_vae_key_map, kl_vae_module
-from jaxgen.tokenizers.kl_vae import AutoencoderKL
 from tests.parity.fixtures import parity_dir
 
 
