@@ -116,7 +116,7 @@ def test_streamed_npz_is_a_normal_npz(tmp_path):
     rng = np.random.default_rng(4)
     parts = [(rng.integers(0, 255, (n, 3, 3, 1), dtype=np.uint8), np.arange(n, dtype=np.int64)) for n in (4, 4, 2)]
     path = str(tmp_path / "samples.npz")
-    write_npz_streaming(path, ["arr_0", "arr_1"], [(10, 3, 3, 1), (10,)], [np.uint8, np.int64], lambda: iter(parts))
+    write_npz_streaming(path, ["arr_0", "arr_1"], 10, [np.uint8, np.int64], lambda: iter(parts))
     with np.load(path) as z:
         np.testing.assert_array_equal(z["arr_0"], np.concatenate([p[0] for p in parts]))
         np.testing.assert_array_equal(z["arr_1"], np.concatenate([p[1] for p in parts]))

@@ -16,6 +16,16 @@ import numpy as np
 from jaxgen.eval import digit_metric
 
 
+def file_stamp(path: str) -> str:
+    """abspath:size:mtime of a file or directory: what a cache or a resumable result keyed on it must change with
+    (a re-converted file in the same place is a new file). A missing path stamps as itself."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return str(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def batched_apply(fn: Callable[[jax.Array], Dict[str, jax.Array]], images: np.ndarray, batch_size: int,
                   mesh=None, rules: Optional[Sequence] = None) -> Dict[str, np.ndarray]:
     """`fn` over `images` in fixed-size batches (the last padded with zeros: one compilation), concatenated on the
@@ -68,8 +78,7 @@ class InceptionExtractor(Extractor):
         from jaxgen.eval.inception import InceptionFID
 
         self.net = InceptionFID.load(weights_path, batch_size=batch_size, mesh=mesh, rules=rules)
-        st = os.stat(weights_path)
-        self.identity = f"{os.path.abspath(weights_path)}:{st.st_size}:{st.st_mtime_ns}"
+        self.identity = file_stamp(weights_path)
 
     def __call__(self, images):
         f = self.net(images, features=("2048", "logits_unbiased"))

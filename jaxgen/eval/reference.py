@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.eval.features import file_stamp
 from jaxgen.eval.metrics import feature_stats
 
 
@@ -27,11 +28,6 @@ class Reference:
     sigma: np.ndarray
     pool: Optional[np.ndarray]  # (M, D) features for precision / recall; None when the file has only mu / sigma
     source: str
-
-
-def _file_digest(path: str) -> str:
-    st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def validate(path: str, extractor_name: str, feature_dim: int) -> None:
@@ -72,7 +68,7 @@ def load(path: str, extractor, cache_dir: Optional[str] = None, need_pool: bool 
 
 
 def _featurise_cached(path, z, extractor, cache_dir):
-    key = hashlib.sha256(f"{_file_digest(path)}:{extractor.identity}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{file_stamp(path)}:{extractor.identity}".encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"reference_{extractor.name}_{key}.npy") if cache_dir else ""
     if cache and os.path.isfile(cache):
         return np.load(cache)

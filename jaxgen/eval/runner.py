@@ -27,7 +27,7 @@ import numpy as np
 from jaxgen.errors import ConfigError
 from jaxgen.eval import metrics as M
 from jaxgen.eval import reference as reference_lib
-from jaxgen.eval.features import DigitExtractor, InceptionExtractor
+from jaxgen.eval.features import DigitExtractor, InceptionExtractor, file_stamp
 
 METRICS = ("digits", "inception")
 FEATURE_DIMS = {"digits": DigitExtractor.feature_dim, "inception": InceptionExtractor.feature_dim}
@@ -126,15 +126,6 @@ class ShardStore:
             return {k: z[k] for k in keys}
 
 
-def _stamp(path: str) -> str:
-    """path + size + mtime of a file or directory (a re-converted export in the same place is new weights)."""
-    try:
-        st = os.stat(path)
-        return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        return path
-
-
 def fingerprint(config, workdir: str, family, weights: str, num: int, shard: int, batch: int, extractor) -> str:
     """What the shards' contents depend on: the generator's weights (source, step, file stamp), its tokenizer's
     weights and config, the model / sampling settings, the seed, N, the shard and batch sizes (chunk c of the label
@@ -143,8 +134,8 @@ def fingerprint(config, workdir: str, family, weights: str, num: int, shard: int
     from jaxgen.train import restore
 
     _, path = restore.find_source(config, workdir)
-    tokenizer = _stamp(pipeline.tokenizer_source(config, workdir)) if family.tokenizer is not None else ""
-    spec = dict(weights=weights, weights_stamp=_stamp(path), tokenizer=tokenizer,
+    tokenizer = file_stamp(pipeline.tokenizer_source(config, workdir)) if family.tokenizer is not None else ""
+    spec = dict(weights=weights, weights_stamp=file_stamp(path), tokenizer=tokenizer,
                 tokenizer_config=config.tokenizer.to_dict(), sample=config.sample.to_dict(), seed=int(config.seed),
                 num=num, shard=shard, batch=batch, extractor=extractor.name, extractor_identity=extractor.identity,
                 family=config.family, model=config.model.to_dict(), keep_images=config.eval.samples_npz != "none")
@@ -153,19 +144,22 @@ def fingerprint(config, workdir: str, family, weights: str, num: int, shard: int
 
 # ---------------------------------------------------------------------------------------------- npz
 
-def write_npz_streaming(path: str, names: List[str], shapes: List[tuple], dtypes: List[np.dtype], chunks) -> None:
-    """An .npz (as np.savez writes) whose arrays arrive in row chunks: `chunks` yields one tuple of arrays per step
-    (one per name). The images of 50,000 samples are never all in memory. Write-then-rename."""
+def write_npz_streaming(path: str, names: List[str], rows: int, dtypes: List[np.dtype], chunks) -> None:
+    """An .npz (as np.savez writes) of `rows`-row arrays that arrive in row chunks: `chunks()` yields one tuple of
+    arrays per step (one per name; each array's row shape is its first chunk's). The images of 50,000 samples are
+    never all in memory. Write-then-rename."""
     tmp = path + ".tmp"
     # zipfile writes one member at a time: each array is a pass over the chunks
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for i, (name, shape, dtype) in enumerate(zip(names, shapes, dtypes)):
+        for i, (name, dtype) in enumerate(zip(names, dtypes)):
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                        "shape": tuple(shape)})
-                for parts in chunks():
-                    f.write(np.ascontiguousarray(parts[i], dtype=dtype).tobytes())
+                for j, parts in enumerate(chunks()):
+                    part = np.ascontiguousarray(parts[i], dtype=dtype)
+                    if j == 0:
+                        np.lib.format.write_array_header_1_0(
+                            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                "shape": (rows,) + part.shape[1:]})
+                    f.write(part.tobytes())
     os.replace(tmp, path)
 
 
@@ -278,11 +272,9 @@ def _write_outputs(config, workdir, store, shards, labels, result) -> None:
         save_png(os.path.join(out_dir, "grid.png"), class_grid(grid_images, grid_labels, config.sample.grid_per_class))
     if config.eval.samples_npz != "none":
         names = ["images", "labels"] if config.eval.samples_npz == "jaxgen" else ["arr_0", "arr_1"]
-        first = store.read(0, ("images",))["images"]
         path = os.path.join(out_dir, "samples.npz")
         parts = lambda: (tuple(store.read(s, ("images", "labels")).values()) for s in range(len(shards)))  # noqa
-        write_npz_streaming(path, names, [(len(labels),) + first.shape[1:], (len(labels),)], [np.uint8, np.int64],
-                            parts)
+        write_npz_streaming(path, names, len(labels), [np.uint8, np.int64], parts)
         result["samples_npz"] = path
     with open(os.path.join(workdir, "eval.json.tmp"), "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
