@@ -102,6 +102,29 @@ def test_remat_and_scan_match_plain():
         np.testing.assert_allclose(scan.apply({"params": scan_params}, tokens, labels, mask), ref_out, atol=1e-5)
 
 
+def test_decoder_on_chosen_positions_equals_the_full_decoder():
+    """The sampler asks the decoder for the few tokens it reveals: the last block computes only those rows (plain
+    stack) or they are gathered at the end (scan, remat); either way the same z as the full decoder's."""
+    model = MAR(**TINY)
+    params = _params(model)
+    tokens, labels, mask = _inputs(model)
+    enc = model.apply({"params": params}, tokens, mask, model.apply({"params": params}, labels,
+                      method=MAR.class_embedding), method=MAR.forward_mae_encoder)
+    full = model.apply({"params": params}, enc, mask, method=MAR.forward_mae_decoder)
+    positions = jnp.asarray(np.random.default_rng(1).integers(0, model.seq_len, (3, 5)), jnp.int32)
+    want = np.take_along_axis(np.asarray(full), np.asarray(positions)[..., None], axis=1)
+    some = model.apply({"params": params}, enc, mask, False, positions, method=MAR.forward_mae_decoder)
+    assert some.shape == (3, 5, model.decoder_embed_dim)
+    np.testing.assert_allclose(some, want, atol=1e-5)
+    stacked = {"layers": {"block": jax.tree_util.tree_map(
+        lambda *a: jnp.stack(a), *[params["decoder_blocks"][f"block_{i}"] for i in range(model.decoder_depth)])}}
+    for kw in (dict(scan_layers=True), dict(remat=True)):
+        other = MAR(**TINY, **kw)
+        p = dict(params, decoder_blocks=stacked) if kw.get("scan_layers") else params
+        np.testing.assert_allclose(other.apply({"params": p}, enc, mask, False, positions,
+                                               method=MAR.forward_mae_decoder), want, atol=1e-5)
+
+
 def test_train_mode_label_drop_and_dropout():
     model = MAR(**dict(TINY, label_drop_prob=1.0, attn_dropout=0.0, proj_dropout=0.0))
     params = _params(model)

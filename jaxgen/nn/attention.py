@@ -142,6 +142,8 @@ class Attention(nn.Module):
     With `cache` (a `KVCache`) the new keys / values are written at slot `cache_index` and the queries attend over the
     whole cache, causally (query i sees slots <= cache_index + i, AND `mask` when given, broadcastable to
     (B, heads, T, max_len)); the call then returns (out, updated cache).
+    `query_index` ((B, Q) int, no cache): only those rows of x are queries (keys / values stay all T rows); the
+    output is (B, Q, dim), the same rows as the full call would give.
     """
 
     dim: int
@@ -157,7 +159,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, bias=None, deterministic: bool = True, cache: Optional[KVCache] = None,
-                 cache_index=None):
+                 cache_index=None, query_index=None):
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         b, t, _ = x.shape
@@ -169,6 +171,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = LayerNorm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="q_norm")(q)
             k = LayerNorm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="k_norm")(k)
+        if query_index is not None:
+            if cache is not None:
+                raise ValueError("Attention takes query_index or a KV cache, not both")
+            q = jnp.take_along_axis(q, query_index[:, :, None, None], axis=1)
+            t = query_index.shape[1]
         use_drop = (not deterministic) and self.attn_drop > 0.0
         drop = dict(dropout_rate=self.attn_drop if use_drop else 0.0,
                     dropout_rng=self.make_rng("dropout") if use_drop else None)

@@ -49,6 +49,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x += attn(norm1(x)); x += mlp(norm2(x)). No LayerScale / DropPath.
 
     `proj_drop` is timm's name: it drops after attn.proj and inside the Mlp (after GELU and after fc2).
+    `query_index` ((B, Q) int): compute only those output rows (all rows still serve as keys / values).
     """
 
     dim: int
@@ -64,11 +65,15 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, deterministic: bool = True):
+    def __call__(self, x, mask=None, deterministic: bool = True, query_index=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
-        x = x + Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, self.proj_drop,
-                          self.attention_impl, name="attn", **kw)(h, mask=mask, deterministic=deterministic)
+        attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_drop, self.proj_drop,
+                         self.attention_impl, name="attn", **kw)(h, mask=mask, deterministic=deterministic,
+                                                                 query_index=query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[..., None], axis=1)
+        x = x + attn
         h = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
         x = x + Mlp(int(self.dim * self.mlp_ratio), act=self.act, drop=self.proj_drop, name="mlp", **kw)(
             h, deterministic=deterministic)
@@ -120,6 +125,8 @@ class BlockStack(nn.Module):
     Param layout: `block_0 ... block_{depth-1}` (one subtree per block), or with `scan=True` a single `layers/block`
     subtree whose leaves carry a leading depth axis (compiles one block; converters must stack).
     `remat=True` rematerialises each block in the backward pass (activation memory ~ one block).
+    `query_index` ((B, Q) int): return only those rows; without scan the last block computes only them (a sampler
+    that needs a few rows saves most of that block), with scan the rows are gathered at the end (same result).
     `block` holds the Block fields (dim, num_heads, mlp_ratio, qkv_bias, norm_eps, attn_drop, proj_drop, act,
     attention_impl, dtype, param_dtype).
     """
@@ -130,7 +137,7 @@ class BlockStack(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None, deterministic: bool = True):
+    def __call__(self, x, mask=None, deterministic: bool = True, query_index=None):
         kwargs = dict(self.block)
         if self.scan:
             cls = _ScanBlock
@@ -140,10 +147,11 @@ class BlockStack(nn.Module):
                             in_axes=(nn.broadcast,), length=self.depth,
                             metadata_params={nn.PARTITION_NAME: None})
             x, _ = stack(kwargs, deterministic, name="layers")(x, mask)
-            return x
+            return x if query_index is None else jnp.take_along_axis(x, query_index[..., None], axis=1)
         cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
         for i in range(self.depth):
-            x = cls(**kwargs, name=f"block_{i}")(x, mask, deterministic)
+            last = i == self.depth - 1
+            x = cls(**kwargs, name=f"block_{i}")(x, mask, deterministic, query_index if last else None)
         return x
 
 

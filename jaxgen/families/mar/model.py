@@ -192,15 +192,20 @@ class MAR(nn.Module):
         out = jnp.zeros((b, x.shape[1], d), xg.dtype)
         return out.at[jnp.arange(b)[:, None], keep_index].set(xg)
 
-    def forward_mae_decoder(self, x, mask, train: bool = False):
-        """Encoder output (B, buffer + L, D) -> z (B, L, Dd): masked slots -> mask_token, decoder, + diffusion pos."""
+    def forward_mae_decoder(self, x, mask, train: bool = False, positions: Optional[jax.Array] = None):
+        """Encoder output (B, buffer + L, D) -> z (B, L, Dd): masked slots -> mask_token, decoder, + diffusion pos.
+
+        `positions` ((B, Q) token indices in 0..L-1): return z of those tokens only, (B, Q, Dd); the last block then
+        computes only those rows (a sampler needs the few tokens it reveals), the others still serve as keys."""
         x = self.decoder_embed(x)
         visible = self._visible_with_buffer(mask)
         x = jnp.where(visible[..., None], x, self.mask_token.astype(x.dtype))
         x = x + self.decoder_pos_embed_learned.astype(x.dtype)
-        x = self.decoder_blocks(x, None, not train)
-        x = self.decoder_norm(x)
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned.astype(x.dtype)
+        rows = None if positions is None else positions + self.buffer_size
+        x = self.decoder_norm(self.decoder_blocks(x, None, not train, rows))
+        if positions is None:
+            return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned.astype(x.dtype)
+        return x + self.diffusion_pos_embed_learned[0].astype(x.dtype)[positions]
 
     def __call__(self, tokens, labels, mask, train: bool = False, num_keep: Optional[int] = None):
         """tokens (B, L, Ct), labels (B,) int, mask (B, L) 1 = masked -> z (B, L, Dd) (label drop when train)."""

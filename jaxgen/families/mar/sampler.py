@@ -14,7 +14,8 @@ the steps into a few sizes and each step `lax.switch`es to the branch of its siz
 - the diffusion head samples K rows per image (K = the step's diffusion bucket >= its revealed count); with as many
   buckets as distinct counts (the default for the paper's 64 / 256 steps) that is exactly the revealed tokens.
   Rows beyond the count are independent draws that are thrown away, so the kept rows have the official
-  distribution. The decoder runs on the full length, as official.
+  distribution. The decoder runs on the full length, as official, except that its last block computes only the
+  rows of the largest diffusion bucket (the others are keys only: the same z for the rows that are sampled).
 The whole loop is ONE `jaxgen.sampling.loop.decode_loop`; only the taken branch of each switch runs.
 """
 from __future__ import annotations
@@ -112,18 +113,21 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         return run
 
     rows = jnp.arange(b)[:, None]
+    most = max(diff_sizes)  # the decoder returns z of the tokens of rank after .. after + most - 1
+
+    def predicted_positions(t):
+        """(B, most) positions of order rank after .. after + most - 1 (clipped at L - 1), and which are revealed."""
+        rank = t["after"] + jnp.arange(most, dtype=jnp.int32)[None, :]
+        pos = jnp.take_along_axis(orders, jnp.broadcast_to(jnp.minimum(rank, seq_len - 1), (b, most)), axis=1)
+        return pos, jnp.broadcast_to(rank < t["before"], (b, most))
 
     def diffuse(size: int):
-        """Sample `size` token rows per image, those of order rank after .. after + size - 1 (beyond the step's
-        count: dropped), and write the valid ones into the tokens."""
-        slot = jnp.arange(size, dtype=jnp.int32)[None, :]
-
+        """Sample the first `size` of the decoder's rows per image (beyond the step's count: dropped), and write the
+        valid ones into the tokens."""
         def run(z, tokens, t, step_rng):
-            rank = t["after"] + slot  # (1, K)
-            valid = jnp.broadcast_to(rank < t["before"], (b, size))
-            pos = jnp.take_along_axis(orders, jnp.broadcast_to(jnp.minimum(rank, seq_len - 1), (b, size)), axis=1)
-            zsel = jnp.take_along_axis(z, jnp.tile(pos, (copies, 1))[..., None], axis=1)
-            zsel = zsel.reshape(-1, z.shape[-1])  # with CFG: [cond rows; uncond rows]
+            pos, valid = predicted_positions(t)
+            pos, valid = pos[:, :size], valid[:, :size]
+            zsel = z[:, :size].reshape(-1, z.shape[-1])  # with CFG: [cond rows; uncond rows]
             if use_cfg:
                 def net(x_t, tt, c, scale):
                     return model.apply(variables, x_t, tt, c, scale, method=MAR.denoise_with_cfg)
@@ -144,7 +148,8 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         tok_in, mask_in = (jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask])) if use_cfg \
             else (tokens, mask)
         enc = jax.lax.switch(t["encoder_branch"], [encode(n) for n in enc_sizes], tok_in, mask_in)
-        z = model.apply(variables, enc, mask_in, False, method=MAR.forward_mae_decoder)  # (B or 2B, L, D)
+        pos = jnp.tile(predicted_positions(t)[0], (copies, 1))
+        z = model.apply(variables, enc, mask_in, False, pos, method=MAR.forward_mae_decoder)  # (B or 2B, most, D)
         return jax.lax.switch(t["diffusion_branch"], [diffuse(n) for n in diff_sizes], z, tokens, t,
                               jax.random.fold_in(rng_loop, k))
 
