@@ -124,8 +124,7 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
     def diffuse(size: int):
         """Sample the first `size` of the decoder's rows per image (beyond the step's count: dropped), and write the
         valid ones into the tokens."""
-        def run(z, tokens, t, step_rng):
-            pos, valid = predicted_positions(t)
+        def run(z, pos, valid, tokens, t, step_rng):
             pos, valid = pos[:, :size], valid[:, :size]
             zsel = z[:, :size].reshape(-1, z.shape[-1])  # with CFG: [cond rows; uncond rows]
             if use_cfg:
@@ -148,9 +147,10 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         tok_in, mask_in = (jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask])) if use_cfg \
             else (tokens, mask)
         enc = jax.lax.switch(t["encoder_branch"], [encode(n) for n in enc_sizes], tok_in, mask_in)
-        pos = jnp.tile(predicted_positions(t)[0], (copies, 1))
-        z = model.apply(variables, enc, mask_in, False, pos, method=MAR.forward_mae_decoder)  # (B or 2B, most, D)
-        return jax.lax.switch(t["diffusion_branch"], [diffuse(n) for n in diff_sizes], z, tokens, t,
+        pos, valid = predicted_positions(t)
+        z = model.apply(variables, enc, mask_in, False, jnp.tile(pos, (copies, 1)),
+                        method=MAR.forward_mae_decoder)  # (B or 2B, most, D)
+        return jax.lax.switch(t["diffusion_branch"], [diffuse(n) for n in diff_sizes], z, pos, valid, tokens, t,
                               jax.random.fold_in(rng_loop, k))
 
     tokens = decode_loop(step, jnp.zeros((b, seq_len, tdim), jnp.float32), num_iter, tables)
