@@ -7,6 +7,8 @@ import subprocess
 import sys
 from typing import Dict, List
 
+from tests.xla_test_flags import with_test_xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A few-second kl_vae run: the fastest real family (single stage, no tokenizer).
@@ -23,9 +25,12 @@ def env(devices: int = 1, **extra) -> Dict[str, str]:
     e = dict(os.environ)
     e["JAX_PLATFORMS"] = "cpu"
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    e.pop("XLA_FLAGS", None)
+    flags = with_test_xla_flags("")  # the suite's compile flags (tests/xla_test_flags.py), not the caller's device count
     if devices > 1:
-        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    e["XLA_FLAGS"] = flags
+    if not flags:
+        e.pop("XLA_FLAGS")
     e["JAXGEN_CACHE"] = e.get("JAXGEN_CACHE", os.path.join(REPO, ".pytest_cache", "jaxgen"))
     e.update({k: str(v) for k, v in extra.items()})
     return e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +24,16 @@ def _train(workdir, steps, devices=1, extra=(), with_log=False, **env_extra):
 
 
 @pytest.fixture(scope="module")
-def one_device_losses(tmp_path_factory):
-    """The 1-device, 1-process reference run the device-count and process-count tests compare against."""
-    return _train(tmp_path_factory.mktemp("one"), 10)
+def one_device_run(tmp_path_factory):
+    """The 1-device, 1-process reference run (10 steps, a checkpoint at 10): the device-count and process-count
+    tests compare against its losses, the damaged-checkpoint test starts from a copy of its workdir."""
+    workdir = tmp_path_factory.mktemp("one")
+    return workdir, _train(workdir, 10)
+
+
+@pytest.fixture
+def one_device_losses(one_device_run):
+    return one_device_run[1]
 
 
 def test_eight_devices_match_one(tmp_path, one_device_losses):
@@ -150,10 +158,10 @@ def _tree_digest(root):
     return h.hexdigest()
 
 
-def test_unreadable_checkpoint_is_reported_and_kept(tmp_path):
+def test_unreadable_checkpoint_is_reported_and_kept(tmp_path, one_device_run):
     workdir = tmp_path / "w"
-    _train(workdir, 5)
-    ckpt = workdir / "checkpoints" / "5" / "state"
+    shutil.copytree(one_device_run[0], workdir)
+    ckpt = workdir / "checkpoints" / "10" / "state"
     # Corrupt every data file of the saved state (simulates a damaged disk / wrong file).
     for dirpath, _, files in os.walk(ckpt):
         for name in files:
@@ -164,6 +172,6 @@ def test_unreadable_checkpoint_is_reported_and_kept(tmp_path):
                 with open(os.path.join(dirpath, name), "w") as f:
                     f.write("{not json")
     before = _tree_digest(workdir / "checkpoints")
-    proc = run_main([*TINY_VAE, f"--workdir={workdir}", "--config.total_steps=10", "--config.checkpoint_every=10"])
+    proc = run_main([*TINY_VAE, f"--workdir={workdir}", "--config.total_steps=20", "--config.checkpoint_every=10"])
     _assert_one_line_error(proc, "checkpoint")
     assert _tree_digest(workdir / "checkpoints") == before
