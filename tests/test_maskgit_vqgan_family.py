@@ -28,7 +28,7 @@ def test_protocol_maps_images_to_the_modules_range_and_back():
     np.testing.assert_array_equal(np.asarray(codes["indices"]), np.asarray(direct).reshape(2, -1))
     recon = jax.jit(fam.decode)(params, codes)
     x01 = fam.model.apply({"params": params}, codes["indices"], method=MaskGITVQGAN.decode_indices)
-    np.testing.assert_allclose(np.asarray(recon), np.asarray(x01) * 2 - 1, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(recon), np.asarray(x01) * 2 - 1, atol=1e-5)  # jitted vs op-by-op rounding
     with pytest.raises(ConfigError, match="decodes"):
         fam.decode(params, {"latent": x})
 
