@@ -67,7 +67,7 @@ def jaxgen_parts(rows_list, reps):
     import jax
     import jax.numpy as jnp
 
-    from jaxgen.diffusion.diffloss import diffloss_sample
+    from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample
     from jaxgen.diffusion.gaussian import create_diffusion
     from jaxgen.families.mar.model import MAR, init_params
 
@@ -88,9 +88,11 @@ def jaxgen_parts(rows_list, reps):
             best = min(best, time.perf_counter() - t0)
         return best
 
-    def head(p, z, rng):
-        def net(x_t, t, c, scale):
-            return model.apply({"params": p}, x_t, t, c, scale, method=MAR.denoise_with_cfg)
+    def head(p, z, rng):  # as the sampler runs it: condition and timesteps embedded once per call
+        net = EmbeddedDenoiser(
+            time=lambda t: model.apply({"params": p}, t, method=MAR.diffusion_time_embedding),
+            condition=lambda c: model.apply({"params": p}, c, method=MAR.diffusion_condition_embedding),
+            body=lambda x_t, y, s: model.apply({"params": p}, x_t, y, s, method=MAR.denoise_embedded_with_cfg))
         return diffloss_sample(net, z, rng, diffusion, cfg=jnp.float32(3.0), guided=True, channels=16)
 
     out = {}

@@ -5,7 +5,7 @@ sampling over the respaced steps, written as ONE `lax.scan` so it compiles once 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,17 @@ import jax.numpy as jnp
 from jaxgen.diffusion.gaussian import GaussianDiffusion
 
 Net = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class EmbeddedDenoiser(NamedTuple):
+    """A denoiser whose conditioning is y = time(t_original) + condition(z), given to `diffloss_sample` in parts:
+    z does not change over the DDPM steps and the timesteps are known in advance, so both are embedded once per
+    call (the timesteps of all steps in one batch) instead of at every step; the arithmetic per row is the same.
+    body(x_t, y) -> (N, 2C), or body(x_t, y, cfg) for guided sampling (the `forward_with_cfg` form)."""
+
+    time: Callable[[jax.Array], jax.Array]
+    condition: Callable[[jax.Array], jax.Array]
+    body: Callable
 
 
 def diffloss_loss(net: Net, target, z, mask: Optional[jax.Array], rng: Optional[jax.Array],
@@ -51,7 +62,7 @@ def _is_guided(cfg, guided: Optional[bool]) -> bool:
         return True
 
 
-def diffloss_sample(net: Callable, z, rng: Optional[jax.Array], diffusion_gen: GaussianDiffusion,
+def diffloss_sample(net, z, rng: Optional[jax.Array], diffusion_gen: GaussianDiffusion,
                     temperature=1.0, cfg=1.0, noise_init=None, noise_steps=None,
                     guided: Optional[bool] = None, channels: Optional[int] = None) -> jax.Array:
     """Sample token latents (N, C) for conditions z (N, D), as the official `DiffLoss.sample`.
@@ -60,6 +71,7 @@ def diffloss_sample(net: Callable, z, rng: Optional[jax.Array], diffusion_gen: G
     of z are [cond; uncond]; `net(x_t, t_original, z, cfg)` must be the denoiser's `forward_with_cfg` (as the
     official passes `net.forward_with_cfg` with `cfg_scale`), and the initial noise is drawn for N/2 rows and
     duplicated. ALL N rows are returned, like the official; the caller keeps the first half.
+    `net` may also be an `EmbeddedDenoiser` (its body then takes y in place of (t_original, z)).
 
     temperature scales only the per-step noise; the last step (t = 0) adds none. `noise_init` ((N or N/2, C))
     and `noise_steps` ((S, N, C), k = 0 is the largest t) replace the random draws (parity tests).
@@ -92,17 +104,26 @@ def diffloss_sample(net: Callable, z, rng: Optional[jax.Array], diffusion_gen: G
     if noise_steps is not None and noise_steps.shape != (steps, n, channels):
         raise ValueError(f"noise_steps must have shape {(steps, n, channels)}, got {noise_steps.shape}")
 
+    ks = jnp.arange(steps, dtype=jnp.int32)
+    ts = steps - 1 - ks  # respaced indices, largest first
+    embedded = isinstance(net, EmbeddedDenoiser)
+    if embedded:
+        cond = net.condition(z)
+        time = net.time(diffusion_gen.original_timesteps(ts))  # (S, W): every step's embedding in one batch
+
     def step(x_t, inputs):
         k, t, noise = inputs
         if noise is None:
             noise = jax.random.normal(jax.random.fold_in(step_rng, k), x_t.shape, jnp.float32)
         t_vec = jnp.full((n,), t, jnp.int32)
-        t_orig = diffusion_gen.original_timesteps(t_vec)
-        out = net(x_t, t_orig, z, cfg) if guided else net(x_t, t_orig, z)
+        if embedded:
+            y = time[k][None] + cond
+            out = net.body(x_t, y, cfg) if guided else net.body(x_t, y)
+        else:
+            t_orig = diffusion_gen.original_timesteps(t_vec)
+            out = net(x_t, t_orig, z, cfg) if guided else net(x_t, t_orig, z)
         return diffusion_gen.p_sample(out.astype(jnp.float32), x_t, t_vec, noise, temperature)["sample"], None
 
-    ks = jnp.arange(steps, dtype=jnp.int32)
-    ts = steps - 1 - ks  # respaced indices, largest first
     xs = (ks, ts, None if noise_steps is None else jnp.asarray(noise_steps, jnp.float32))
     x, _ = jax.lax.scan(step, x, xs)
     return x

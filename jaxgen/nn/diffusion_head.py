@@ -79,7 +79,11 @@ class FinalLayer(nn.Module):
 
 
 class SimpleMLPAdaLN(nn.Module):
-    """The DiffLoss MLP. `t` is the ORIGINAL timestep index (0..999), not a respaced one and not rescaled."""
+    """The DiffLoss MLP. `t` is the ORIGINAL timestep index (0..999), not a respaced one and not rescaled.
+
+    `__call__` is the official forward. Its conditioning y = time_embed(t) + cond_embed(c) is also available in
+    parts (`embed_time`, `embed_condition`, then `forward_embedded(x, y)`), so a sampler can embed the condition once
+    per call and the timesteps of all DDPM steps in one batch instead of at every step (same arithmetic per row)."""
 
     in_channels: int
     model_channels: int
@@ -90,24 +94,44 @@ class SimpleMLPAdaLN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, t, c):
-        if x.shape[-1] != self.in_channels or c.shape[-1] != self.z_channels:
-            raise ValueError(f"SimpleMLPAdaLN expects x (..., {self.in_channels}) and c (..., {self.z_channels}); "
-                             f"got {x.shape} and {c.shape}")
+    def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         w = self.model_channels
-        x = Dense(w, axes=("latent", "mlp"), name="input_proj", **kw)(x)
+        self.input_proj = Dense(w, axes=("latent", "mlp"), **kw)
+        self.time_embed_0 = Dense(w, axes=(None, "mlp"), kernel_init=_normal_002, **kw)
+        self.time_embed_2 = Dense(w, axes=("mlp", "embed"), kernel_init=_normal_002, **kw)
+        self.cond_embed = Dense(w, axes=("embed", "mlp"), **kw)
+        self.res_blocks = [ResBlock(w, **kw) for _ in range(self.num_res_blocks)]
+        self.final_layer = FinalLayer(w, self.out_channels, **kw)
+
+    def embed_time(self, t):
+        """(N,) original timestep indices -> (N, W)."""
         t_freq = timestep_embedding(t, self.frequency_embedding_size)
-        temb = Dense(w, axes=(None, "mlp"), kernel_init=_normal_002, name="time_embed_0", **kw)(t_freq)
-        temb = Dense(w, axes=("mlp", "embed"), kernel_init=_normal_002, name="time_embed_2", **kw)(nn.silu(temb))
-        y = temb + Dense(w, axes=("embed", "mlp"), name="cond_embed", **kw)(c)
-        for i in range(self.num_res_blocks):
-            x = ResBlock(w, name=f"res_blocks_{i}", **kw)(x, y)
-        return FinalLayer(w, self.out_channels, name="final_layer", **kw)(x, y)
+        return self.time_embed_2(nn.silu(self.time_embed_0(t_freq)))
+
+    def embed_condition(self, c):
+        """(N, z_channels) -> (N, W)."""
+        if c.shape[-1] != self.z_channels:
+            raise ValueError(f"SimpleMLPAdaLN expects c (..., {self.z_channels}); got {c.shape}")
+        return self.cond_embed(c)
+
+    def forward_embedded(self, x, y):
+        """x (N, in) and the conditioning y = embed_time(t) + embed_condition(c) (N, W) -> (N, out)."""
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"SimpleMLPAdaLN expects x (..., {self.in_channels}); got {x.shape}")
+        x = self.input_proj(x)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)
+
+    def __call__(self, x, t, c):
+        return self.forward_embedded(x, self.embed_time(t) + self.embed_condition(c))
 
     def forward_with_cfg(self, x, t, c, cfg_scale):
         """Rows are [cond; uncond] of the SAME x_t: only the first half of x is used (official behaviour)."""
+        return self.forward_embedded_with_cfg(x, self.embed_time(t) + self.embed_condition(c), cfg_scale)
+
+    def forward_embedded_with_cfg(self, x, y, cfg_scale):
+        """`forward_with_cfg` given the conditioning y (see `forward_embedded`)."""
         half = x[: x.shape[0] // 2]
-        out = self(jnp.concatenate([half, half], axis=0), t, c)
-        return cfg_mix(out, cfg_scale, self.in_channels)
+        return cfg_mix(self.forward_embedded(jnp.concatenate([half, half], axis=0), y), cfg_scale, self.in_channels)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.diffusion.diffloss import diffloss_sample
+from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample
 from jaxgen.diffusion.gaussian import _TABLES, create_diffusion
 from jaxgen.sampling.schedules import mar_mask_schedule
 from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
@@ -132,10 +132,17 @@ def test_mar_diffusion_parity(fixture):
         z = jnp.asarray(io[p + "_z"])
         guided = cfg != 1.0
         fn = (lambda x, t, c, s: net_cfg(x, t, c, s)) if guided else net
-        out = diffloss_sample(fn, z, None, gen, temperature=temperature, cfg=cfg,
-                              noise_init=jnp.asarray(io[p + "_noise_init"]),
-                              noise_steps=jnp.asarray(io[p + "_noise_steps"]))
-        res.close(p + "_out", out, io[p + "_out"], rel_to_max=SAMPLE_REL_TO_MAX)
+        # The sampler's form: condition and timesteps embedded once per call, not at every DDPM step.
+        embedded = EmbeddedDenoiser(
+            time=lambda t: module.apply(variables, t, method=SimpleMLPAdaLN.embed_time),
+            condition=lambda c: module.apply(variables, c, method=SimpleMLPAdaLN.embed_condition),
+            body=(lambda x, y, s: module.apply(variables, x, y, s, method=SimpleMLPAdaLN.forward_embedded_with_cfg))
+            if guided else (lambda x, y: module.apply(variables, x, y, method=SimpleMLPAdaLN.forward_embedded)))
+        for form, denoiser in (("", fn), ("_embedded", embedded)):
+            out = diffloss_sample(denoiser, z, None, gen, temperature=temperature, cfg=cfg,
+                                  noise_init=jnp.asarray(io[p + "_noise_init"]),
+                                  noise_steps=jnp.asarray(io[p + "_noise_steps"]))
+            res.close(p + "_out" + form, out, io[p + "_out"], rel_to_max=SAMPLE_REL_TO_MAX)
 
     # MAR's cosine mask schedule.
     for sched in meta.get("schedules", []):

@@ -39,8 +39,9 @@ class MARSample:
     temperature: float = 1.0
     num_sampling_steps: str = "100"  # DDPM respacing of the diffusion head
     # Most compiled sizes for the encoder's tokens / the diffusion head's rows per AR step (jaxgen.sampling.buckets):
-    # more = less padded work, longer compile. 16 covers every distinct revealed count at 64 and 256 steps (exact).
-    encoder_buckets: int = 6
+    # more = less padded work, longer compile. 16 covers every distinct revealed count at 64 and 256 steps (exact);
+    # 16 encoder sizes pad the encoder by 3.4 % / 3.9 % tokens at 64 / 256 steps (6 sizes: 11.6 % / 10.9 %).
+    encoder_buckets: int = 16
     diffusion_buckets: int = 16
 
 

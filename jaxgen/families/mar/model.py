@@ -225,6 +225,22 @@ class MAR(nn.Module):
         """Official forward_with_cfg: rows are [cond half; uncond half] sharing x_t; eps mixed, variance kept."""
         return self.diffloss.forward_with_cfg(x_t, t, c, cfg_scale)
 
+    def diffusion_time_embedding(self, t):
+        """The denoiser's timestep embedding (N,) -> (N, W) (see SimpleMLPAdaLN.forward_embedded)."""
+        return self.diffloss.embed_time(t)
+
+    def diffusion_condition_embedding(self, c):
+        """The denoiser's condition embedding (N, Dd) -> (N, W)."""
+        return self.diffloss.embed_condition(c)
+
+    def denoise_embedded(self, x_t, y):
+        """`denoise` given y = time embedding + condition embedding."""
+        return self.diffloss.forward_embedded(x_t, y)
+
+    def denoise_embedded_with_cfg(self, x_t, y, cfg_scale):
+        """`denoise_with_cfg` given y = time embedding + condition embedding."""
+        return self.diffloss.forward_embedded_with_cfg(x_t, y, cfg_scale)
+
 
 def dummy_inputs(model: MAR, batch: int = 1):
     tokens = jnp.zeros((batch, model.seq_len, model.token_dim), model.dtype)

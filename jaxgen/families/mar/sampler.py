@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.diffusion.diffloss import diffloss_sample
+from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample
 from jaxgen.families.mar.model import MAR, unpatchify
 from jaxgen.sampling import guidance
 from jaxgen.sampling.buckets import size_buckets
@@ -55,7 +55,7 @@ def _encoder_cost(model: MAR):
     return cost
 
 
-def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 6, diffusion_buckets: int = 16) -> dict:
+def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 16, diffusion_buckets: int = 16) -> dict:
     """Host-side per-step tables of a sample: before / after (still-masked counts), mask_len, the bucket sizes and
     each step's branch, and the work they imply per image (encoder tokens incl. buffer, diffusion rows)."""
     seq_len, buffer = model.seq_len, model.buffer_size
@@ -78,7 +78,7 @@ def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 6, diffusion
 
 def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, diffusion, num_iter: int,
                    cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
-                   encoder_buckets: int = 6, diffusion_buckets: int = 16) -> jax.Array:
+                   encoder_buckets: int = 16, diffusion_buckets: int = 16) -> jax.Array:
     """-> latents (B, h, w, z) NHWC in the scaled token space. `diffusion`: the respaced generation diffusion.
 
     `encoder_buckets` / `diffusion_buckets`: most compiled sizes for the encoder's tokens and the diffusion head's
@@ -121,6 +121,12 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         pos = jnp.take_along_axis(orders, jnp.broadcast_to(jnp.minimum(rank, seq_len - 1), (b, most)), axis=1)
         return pos, jnp.broadcast_to(rank < t["before"], (b, most))
 
+    denoiser = EmbeddedDenoiser(
+        time=lambda tt: model.apply(variables, tt, method=MAR.diffusion_time_embedding),
+        condition=lambda c: model.apply(variables, c, method=MAR.diffusion_condition_embedding),
+        body=(lambda x_t, y, scale: model.apply(variables, x_t, y, scale, method=MAR.denoise_embedded_with_cfg))
+        if use_cfg else (lambda x_t, y: model.apply(variables, x_t, y, method=MAR.denoise_embedded)))
+
     def diffuse(size: int):
         """Sample the first `size` of the decoder's rows per image (beyond the step's count: dropped), and write the
         valid ones into the tokens."""
@@ -128,14 +134,10 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
             pos, valid = pos[:, :size], valid[:, :size]
             zsel = z[:, :size].reshape(-1, z.shape[-1])  # with CFG: [cond rows; uncond rows]
             if use_cfg:
-                def net(x_t, tt, c, scale):
-                    return model.apply(variables, x_t, tt, c, scale, method=MAR.denoise_with_cfg)
-                sampled = diffloss_sample(net, zsel, step_rng, diffusion, temperature=temperature, cfg=t["scale"],
-                                          guided=True, channels=tdim)[: b * size]  # drop the null-class half
+                sampled = diffloss_sample(denoiser, zsel, step_rng, diffusion, temperature=temperature,
+                                          cfg=t["scale"], guided=True, channels=tdim)[: b * size]  # drop null half
             else:
-                def net(x_t, tt, c):
-                    return model.apply(variables, x_t, tt, c, method=MAR.denoise)
-                sampled = diffloss_sample(net, zsel, step_rng, diffusion, temperature=temperature, guided=False,
+                sampled = diffloss_sample(denoiser, zsel, step_rng, diffusion, temperature=temperature, guided=False,
                                           channels=tdim)
             sampled = sampled.reshape(b, size, tdim).astype(tokens.dtype)
             # Invalid slots scatter out of bounds and are dropped.
