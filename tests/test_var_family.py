@@ -178,6 +178,33 @@ def test_top_p_drops_the_low_tail_but_always_keeps_the_top_token():
     assert int(idx[0, 0]) == 1
 
 
+def _sorted_filter_reference(logits, top_k, top_p):
+    """The official algorithm in float64 numpy: threshold at the k-th largest, then an ascending sort and cumsum."""
+    out = logits.astype(np.float64).copy()
+    if top_k:
+        out[out < np.sort(out, axis=-1)[:, -top_k][:, None]] = -np.inf
+    if top_p:
+        for row in out:
+            order = np.argsort(row, kind="stable")
+            probs = np.exp(row[order] - row.max())
+            remove = np.cumsum(probs / probs.sum()) <= 1 - top_p
+            remove[-1] = False
+            row[order[remove]] = -np.inf
+    return np.isfinite(out)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(900, 0.96), (0, 0.9), (40, 0.5), (1, 0.96), (900, 0.0)])
+def test_top_k_top_p_matches_the_sorted_algorithm(top_k, top_p):
+    """The filter works from one top_k, not two sorts of the vocabulary; on logits without ties it keeps exactly
+    the tokens of the official sort / cumsum algorithm (tie groups at the top-p cut are kept whole)."""
+    rng = np.random.default_rng(top_k)
+    logits = np.stack([rng.permutation(np.linspace(-s, s, 4096)) for s in (2.0, 5.0, 9.0, 14.0)]).astype(np.float32)
+    kept = np.isfinite(np.asarray(top_k_top_p_filter(jnp.asarray(logits), top_k, top_p)))
+    np.testing.assert_array_equal(kept, _sorted_filter_reference(logits, top_k, top_p))
+    tied = jnp.array([[0.0, 1.0, 1.0, 1.0, 3.0]])  # ascending mass of the 1.0 group straddles 1 - top_p
+    np.testing.assert_array_equal(np.isfinite(np.asarray(top_k_top_p_filter(tied, 0, 0.8))), [[0, 1, 1, 1, 1]])
+
+
 def test_progressive_stage_trains_on_the_first_scales():
     fam = VARFamily(tiny_var_config(loss={"train_scales": 2}))
     shapes = {"image": jax.ShapeDtypeStruct((2, 6, 6, 1), jnp.float32),

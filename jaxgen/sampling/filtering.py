@@ -13,19 +13,38 @@ def top_k_top_p_filter(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) ->
     top_k > 0: drop every logit strictly below the k-th largest (ties with it are kept).
     top_p > 0: sort ascending, drop tokens whose ascending cumulative probability is <= 1 - top_p; the top token
     always stays.
+
+    Computed from ONE `lax.top_k` (sorted values) instead of sorting the vocabulary twice (XLA:CPU sorts are slow:
+    VAR-d16's 1,360 rows x 4,096 took 2.4 s of a 17 s sample, now 0.35 s): the dropped tokens are a prefix of
+    the ascending order, so top-p is a value threshold found on the sorted top-k values. Ties: a group of equal
+    logits straddling the top-p cut is kept whole (the official torch sort leaves their order unspecified).
     """
     logits = logits.astype(jnp.float32)
     v = logits.shape[-1]
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, min(int(top_k), v))[0][..., -1:]
+    k = min(int(top_k), v) if top_k > 0 else 0
+    use_p = not is_static(top_p) or top_p > 0  # a traced top_p (policy search) keeps the filter on
+    if not k and not use_p:
+        return logits
+    # The barrier keeps XLA from rewriting a top_k of which only a slice is used into a full sort of the vocabulary
+    # (XLA:CPU: 0.71 s instead of 0.22 s for VAR-d16's rows).
+    vals = jax.lax.optimization_barrier(jax.lax.top_k(logits, k or v))[0]  # descending
+    kth = vals[..., -1:]
+    if k:
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if not is_static(top_p) or top_p > 0:  # a traced top_p (policy search) keeps the filter on
-        order = jnp.argsort(logits, axis=-1)  # ascending
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        remove_sorted = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= (1.0 - top_p)
-        remove_sorted = remove_sorted.at[..., -1].set(False)
-        remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
-        logits = jnp.where(remove, -jnp.inf, logits)
+    if use_p:
+        top = vals[..., :1]
+        weights = jnp.exp(vals - top)
+        # Survivors beyond the k listed are ties with the k-th largest: first in the ascending order.
+        extra = (jnp.sum(logits >= kth, axis=-1, keepdims=True) - vals.shape[-1]).astype(jnp.float32) \
+            * jnp.exp(kth - top) if k else 0.0
+        total = jnp.sum(weights, axis=-1, keepdims=True) + extra
+        ascending = weights[..., ::-1] / total
+        cumulative = extra / total + jnp.cumsum(ascending, axis=-1)
+        keep = cumulative > (1.0 - top_p)
+        keep = keep.at[..., -1].set(True)
+        first_kept = jnp.argmax(keep, axis=-1)[..., None]  # keep is a suffix of the ascending order
+        threshold = jnp.take_along_axis(vals[..., ::-1], first_kept, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return logits
 
 
