@@ -67,9 +67,9 @@ def jaxgen_parts(rows_list, reps):
     import jax
     import jax.numpy as jnp
 
-    from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample
+    from jaxgen.diffusion.diffloss import diffloss_sample
     from jaxgen.diffusion.gaussian import create_diffusion
-    from jaxgen.families.mar.model import MAR, init_params
+    from jaxgen.families.mar.model import MAR, embedded_denoiser, init_params
 
     model = MAR(encoder_embed_dim=768, decoder_embed_dim=768, encoder_depth=12, decoder_depth=12,
                 encoder_num_heads=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024)
@@ -89,10 +89,7 @@ def jaxgen_parts(rows_list, reps):
         return best
 
     def head(p, z, rng):  # as the sampler runs it: condition and timesteps embedded once per call
-        net = EmbeddedDenoiser(
-            time=lambda t: model.apply({"params": p}, t, method=MAR.diffusion_time_embedding),
-            condition=lambda c: model.apply({"params": p}, c, method=MAR.diffusion_condition_embedding),
-            body=lambda x_t, y, s: model.apply({"params": p}, x_t, y, s, method=MAR.denoise_embedded_with_cfg))
+        net = embedded_denoiser(model, {"params": p}, guided=True)
         return diffloss_sample(net, z, rng, diffusion, cfg=jnp.float32(3.0), guided=True, channels=16)
 
     out = {}

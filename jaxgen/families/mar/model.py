@@ -252,3 +252,13 @@ def dummy_inputs(model: MAR, batch: int = 1):
 def init_params(model: MAR, rng: jax.Array):
     """Boxed params (logical-axis metadata kept) of the whole MAR incl. the diffusion head."""
     return model.init({"params": rng}, *dummy_inputs(model))["params"]
+
+
+def embedded_denoiser(model: MAR, variables, guided: bool):
+    """The diffusion head as `diffloss_sample`'s EmbeddedDenoiser (condition / timesteps embedded once per call)."""
+    from jaxgen.diffusion.diffloss import EmbeddedDenoiser
+    body = (lambda x_t, y, s: model.apply(variables, x_t, y, s, method=MAR.denoise_embedded_with_cfg)) if guided \
+        else (lambda x_t, y: model.apply(variables, x_t, y, method=MAR.denoise_embedded))
+    return EmbeddedDenoiser(time=lambda t: model.apply(variables, t, method=MAR.diffusion_time_embedding),
+                            condition=lambda c: model.apply(variables, c, method=MAR.diffusion_condition_embedding),
+                            body=body)

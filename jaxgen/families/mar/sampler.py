@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample
-from jaxgen.families.mar.model import MAR, unpatchify
+from jaxgen.diffusion.diffloss import diffloss_sample
+from jaxgen.families.mar.model import MAR, embedded_denoiser, unpatchify
 from jaxgen.sampling import guidance
 from jaxgen.sampling.buckets import size_buckets
 from jaxgen.sampling.loop import decode_loop
@@ -121,11 +121,7 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         pos = jnp.take_along_axis(orders, jnp.broadcast_to(jnp.minimum(rank, seq_len - 1), (b, most)), axis=1)
         return pos, jnp.broadcast_to(rank < t["before"], (b, most))
 
-    denoiser = EmbeddedDenoiser(
-        time=lambda tt: model.apply(variables, tt, method=MAR.diffusion_time_embedding),
-        condition=lambda c: model.apply(variables, c, method=MAR.diffusion_condition_embedding),
-        body=(lambda x_t, y, scale: model.apply(variables, x_t, y, scale, method=MAR.denoise_embedded_with_cfg))
-        if use_cfg else (lambda x_t, y: model.apply(variables, x_t, y, method=MAR.denoise_embedded)))
+    denoiser = embedded_denoiser(model, variables, use_cfg)
 
     def diffuse(size: int):
         """Sample the first `size` of the decoder's rows per image (beyond the step's count: dropped), and write the
