@@ -7,7 +7,8 @@
 Train: the real jitted, donated train step (sharded over all local devices) on random batches of the family's
 batch shapes; reports the median step time, steps/s, images/s and, where XLA's cost analysis gives the step's FLOPs,
 GFLOP/s and MFU against --peak_tflops (per device). Sample: `family.sample` (or `sample_tokens`) jitted once, then
-timed per call; median and images/s. Compile time is reported apart and never counted; peak RSS of the process too.
+timed per call; median and images/s. Compile time is reported apart and never counted; peak RSS of the process
+too, and on an accelerator XLA's peak device memory (set XLA_PYTHON_CLIENT_PREALLOCATE=false to make it meaningful).
 """
 from __future__ import annotations
 
@@ -178,6 +179,15 @@ def bench_sample(config):
     return result
 
 
+def _peak_device_mb():
+    """Peak bytes XLA's allocator handed out on device 0 (accelerators; the CPU client keeps no such count)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2**20 if peak else None
+
+
 def main(argv):
     del argv
     from jaxgen.utils.host_memory import keep_freed_memory
@@ -187,6 +197,7 @@ def main(argv):
     result = bench_train(config) if FLAGS.what == "train" else bench_sample(config)
     result["machine"] = _machine()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    result["peak_device_mb"] = _peak_device_mb()
     text = json.dumps(result, indent=1, sort_keys=True, default=str)
     print(text)
     if FLAGS.json:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# jaxgen vs the official PyTorch code on one leased GPU, in one call (bench/vs_official.py --device=gpu).
+#
+# usage (from the repo root, on the GPU machine):  bash bench/gpu_vs_official.sh OFFICIAL_DIR OUT_DIR [vs_official flags]
+#   OFFICIAL_DIR  holds src/{mar,VAR,1d-tokenizer} (anchor_bench's setup.sh layout) and bench_official.py (the anchor)
+#   OUT_DIR       where the JSON table and the logs go
+# A folder .whl/ beside the repo root, if present, is installed to /tmp/site first (the packages a bare image lacks:
+# ml_collections, grain, clu, timm 0.9.12 as the anchor pins, omegaconf; see docs/benchmarks.md for the list).
+# A tiny jaxgen sampling call runs first: if jaxgen cannot run on this device at all, the script stops within a
+# minute instead of spending the lease on official rows it cannot compare.
+set -uo pipefail
+official=$1; out=$2; shift 2
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export JAXGEN_ANCHOR_BENCH=$official/bench_official.py PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import jax, torch, flax; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())" \
+  | tee -a "$out/gpu.txt"
+t0=$(date +%s)
+python3 bench/throughput.py --config=configs/var_tiny.py --what=sample --batch=2 --repeats=1 --warmup=0 \
+  --json="$out/smoke.json" > "$out/smoke.log" 2>&1 || { echo "jaxgen smoke failed:"; tail -30 "$out/smoke.log"; exit 1; }
+echo "smoke ok in $(( $(date +%s) - t0 )) s"
+python3 bench/vs_official.py --device=gpu --dtype=bfloat16 --peak_tflops=989 --official_src="$official/src" \
+  --official_python=python3 --out="$out/vs_official_gpu.json" "$@" 2>&1 | tee "$out/vs_official_gpu.log"
