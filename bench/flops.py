@@ -2,9 +2,9 @@
 both sides' seconds). Matmuls only (2 m n k, attention QK^T and AV included); norms, activations and sampling are
 left out, so achieved GFLOP/s are slight underestimates.
 
-Where a program has no loops (VAR's sampler is unrolled over its scales; train steps) XLA's own count of the
-compiled program is used instead (bench/throughput.py). Samplers built on a lax loop (MAR, RAR) are counted here,
-since XLA counts a loop body once.
+Where a sampler has no loops (VAR's is unrolled over its scales) XLA's own count of the compiled program is used
+instead (bench/throughput.py). Samplers built on a lax loop (MAR, RAR) are counted here, since XLA counts a loop body
+once; train steps too (`train_flops`: model FLOPs, the MFU convention; on a GPU XLA's count misses cuDNN attention).
 """
 from __future__ import annotations
 
@@ -60,3 +60,45 @@ def sample_flops(family, what: str, batch: int):
     if family.name == "rar" and what == "sample_tokens":
         return rar_sample(family.model, batch, float(s.guidance_scale) != 1.0)
     return None
+
+
+def _mar_expected_visible(model) -> float:
+    """Official training: mask ratio ~ TruncNormal(mean 1, std 0.25) on [mask_ratio_min, 1]; expected visible count."""
+    from scipy import stats
+
+    from jaxgen.families.mar.family import MASK_RATIO_MEAN, MASK_RATIO_STD
+
+    lo = (model.mask_ratio_min - MASK_RATIO_MEAN) / MASK_RATIO_STD
+    hi = (1.0 - MASK_RATIO_MEAN) / MASK_RATIO_STD
+    ratio = stats.truncnorm(lo, hi, loc=MASK_RATIO_MEAN, scale=MASK_RATIO_STD).mean()
+    return model.seq_len * (1.0 - ratio)
+
+
+def train_flops(family, batch: int):
+    """Model FLOPs of one train step: 3 x the forward's matmuls (forward + backward, no recomputation), on the work
+    the model needs (causal / block-causal attention pairs, MAR's encoder on buffer + the expected visible tokens),
+    the usual MFU count. On a GPU, XLA's own count of the step leaves out cuDNN's attention (a custom call)."""
+    import numpy as np
+
+    m = family.model
+    if family.name == "var":
+        from jaxgen.families.var.model import block_causal_mask
+
+        c, seq = m.embed_dim, m.seq_len
+        pairs = float(block_causal_mask(m.patch_nums).sum())
+        fwd = transformer(seq, pairs, c, int(round(c * m.mlp_ratio)), m.depth)
+        fwd += 2.0 * seq * (c * m.vocab_size + m.cvae * c) + 2.0 * (m.depth * 6 + 2) * c * c  # head, embed, ada_lin
+    elif family.name == "rar":
+        d, n = m.hidden_size, m.image_seq_len + 2  # cls, condition, tokens
+        fwd = transformer(n, n * (n + 1) / 2, d, m.mlp_dim, m.depth, extra_per_token=6 * d * d)
+        fwd += (n - 1) * 2.0 * (d * 2 * d + d * m.codebook_size)
+    elif family.name == "mar":
+        d, dd, buf, seq = m.encoder_embed_dim, m.decoder_embed_dim, m.buffer_size, m.seq_len
+        enc = buf + _mar_expected_visible(m)
+        dec = buf + seq
+        fwd = transformer(enc, enc * enc, d, int(d * m.mlp_ratio), m.encoder_depth) + 2.0 * enc * m.token_dim * d
+        fwd += transformer(dec, dec * dec, dd, int(dd * m.mlp_ratio), m.decoder_depth) + 2.0 * dec * d * dd
+        fwd += seq * m.diffusion_batch_mul * diffusion_head_row(m)
+    else:
+        return None
+    return float(np.float64(3.0 * batch * fwd))

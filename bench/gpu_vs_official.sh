@@ -24,6 +24,13 @@ python3 -c "import jax, torch, flax; print('jax', jax.__version__, 'flax', flax.
 # fail fast where jaxgen cannot even import or see the device (a compiled smoke test costs ~2 min of the lease there)
 python3 -c "import jax, jaxgen.families, jaxgen.train.trainer; assert jax.devices()[0].platform == 'gpu', jax.devices()" \
   || { echo "jaxgen does not import or sees no GPU"; exit 1; }
+# PROBE=1: first pick XLA:GPU flags that compile faster (bench/gpu_compile_probe.py, ~3-5 min), then use them
+if [ "${PROBE:-0}" = 1 ]; then
+  python3 bench/gpu_compile_probe.py --out="$out/compile_probe.json" --best="$out/best_xla_flags" 2>&1 \
+    | tee "$out/compile_probe.log"
+  export XLA_FLAGS="${XLA_FLAGS:-} $(cat "$out/best_xla_flags" 2>/dev/null)"
+  echo "XLA_FLAGS=$XLA_FLAGS"
+fi
 # one compilation cache for every child: a row's later rounds reuse the programs its first round compiled
 export JAX_COMPILATION_CACHE_DIR=/tmp/jaxgen_xla_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 python3 bench/vs_official.py --device=gpu --dtype=bfloat16 --peak_tflops=989 --official_src="$official/src" \

@@ -96,6 +96,15 @@ class Ctx:
 
         return (torch.arange(n) * 97 % 1000).to(self.device)
 
+    def inputs(self, *specs):
+        """Random training inputs on the device, drawn on the CPU from one seeded generator (as the anchor draws
+        them): an int spec is randint(high, shape), None is randn(shape)."""
+        import torch
+
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(shape, generator=g) if high is None else torch.randint(0, high, shape, generator=g))
+                .to(self.device) for high, shape in specs]
+
 
 def _mar(ctx, size):
     model, stack, info = ANCHOR.build_mar(ctx.args, size)
@@ -127,9 +136,7 @@ def _mar_train(ctx, size):
     model, stack = _mar(ctx, size)
     with stack:
         model.train()
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(ctx.batch, 16, 16, 16, generator=g).to(ctx.device)
-        labels = torch.randint(0, 1000, (ctx.batch,), generator=g).to(ctx.device)
+        x, labels = ctx.inputs((None, (ctx.batch, 16, 16, 16)), (1000, (ctx.batch,)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
         return ctx.time(ctx.train_step(model, opt, lambda: model(x, labels)))
 
@@ -165,11 +172,9 @@ def _var_train(ctx):
     vae, var, stack = _var(ctx)
     with stack:
         var.train()
-        g = torch.Generator().manual_seed(1)
         L, first_l, V = var.L, var.first_l, var.V
-        label_B = torch.randint(0, 1000, (ctx.batch,), generator=g).to(ctx.device)
-        x_in = torch.randn(ctx.batch, L - first_l, var.Cvae, generator=g).to(ctx.device)
-        gt = torch.randint(0, V, (ctx.batch, L), generator=g).to(ctx.device)
+        label_B, x_in, gt = ctx.inputs((1000, (ctx.batch,)), (None, (ctx.batch, L - first_l, var.Cvae)),
+                                       (V, (ctx.batch, L)))
         opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
         def loss_fn():
@@ -208,10 +213,8 @@ def _rar_train(ctx):
 
         model.train()
         model.set_random_ratio(1.0)
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, ANCHOR.RAR_B["codebook_size"], (ctx.batch, ANCHOR.RAR_B["image_seq_len"]),
-                            generator=g).to(ctx.device)
-        labels = torch.randint(0, 1000, (ctx.batch,), generator=g).to(ctx.device)
+        ids, labels = ctx.inputs((ANCHOR.RAR_B["codebook_size"], (ctx.batch, ANCHOR.RAR_B["image_seq_len"])),
+                                 (1000, (ctx.batch,)))
         loss_mod = ARLoss(conf)
         opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.96), weight_decay=0.03)
 

@@ -5,8 +5,8 @@
   python bench/throughput.py --config=configs/var_d16.py --what=sample --batch=8 --json=out.json
 
 Train: the real jitted, donated train step (sharded over all local devices) on random batches of the family's
-batch shapes; reports the median step time, steps/s, images/s and, where XLA's cost analysis gives the step's FLOPs,
-GFLOP/s and MFU against --peak_tflops (per device). Sample: `family.sample` (or `sample_tokens`) jitted once, then
+batch shapes; reports the median step time, steps/s, images/s, GFLOP/s and MFU against --peak_tflops (per device)
+on the model FLOPs of bench/flops.py (MAR, VAR, RAR; XLA's count of the step, kept as `xla_flops`, elsewhere). Sample: `family.sample` (or `sample_tokens`) jitted once, then
 timed per call; median and images/s. Compile time is reported apart and never counted; peak RSS of the process
 too, and on an accelerator XLA's peak device memory (set XLA_PYTHON_CLIENT_PREALLOCATE=false to make it meaningful).
 """
@@ -88,6 +88,7 @@ def bench_train(config):
             t0 = time.time()
             compiled = step_fn.lower(trainer.state, batch, trainer.frozen).compile()
             compile_s = time.time() - t0
+            rss_compiled = _peak_rss_mb()
             flops = _flops_of(compiled)
             state, m = compiled(trainer.state, batch, trainer.frozen)
             jax.block_until_ready(m)
@@ -101,8 +102,13 @@ def bench_train(config):
         trainer.close()
     result = {"what": "train", "family": config.family, "batch_size": config.batch_size,
               "compute_dtype": config.compute_dtype, "compile_s": round(compile_s, 1), "times_s": times,
-              "step_s": dt, "median_s": dt, "steps_per_s": 1.0 / dt, "images_per_s": config.batch_size / dt}
-    _add_flops(result, flops, dt)
+              "step_s": dt, "median_s": dt, "steps_per_s": 1.0 / dt, "images_per_s": config.batch_size / dt,
+              "peak_rss_after_compile_mb": rss_compiled}
+    from flops import train_flops
+
+    counted = train_flops(trainer.family, config.batch_size)
+    result["xla_flops"] = flops
+    _add_flops(result, counted or flops, dt, "bench/flops.py" if counted else "xla")
     return result
 
 
@@ -157,6 +163,7 @@ def bench_sample(config):
         t0 = time.time()
         compiled = fn.lower(params, frozen, labels, jax.random.PRNGKey(0)).compile()
         compile_s = time.time() - t0
+        rss_compiled = _peak_rss_mb()
         for _ in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
         times = []
@@ -171,12 +178,17 @@ def bench_sample(config):
     result = {"what": FLAGS.what, "family": config.family, "batch": batch, "compute_dtype": config.compute_dtype,
               "settings": {k: s[k] for k in sorted(s.keys()) if k not in GENERIC_SAMPLE_KEYS},
               "compile_s": round(compile_s, 1), "times_s": times, "call_s": dt, "median_s": dt,
-              "images_per_s": batch / dt}
+              "images_per_s": batch / dt, "peak_rss_after_compile_mb": rss_compiled}
     from flops import sample_flops
 
     counted = sample_flops(family, FLAGS.what, batch)
     _add_flops(result, counted or _flops_of(compiled), dt, "bench/flops.py" if counted else "xla")
     return result
+
+
+def _peak_rss_mb():
+    """The process's peak RSS so far (compilation's included: XLA's compiler can be what sets it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _peak_device_mb():
@@ -196,7 +208,7 @@ def main(argv):
     config = FLAGS.config
     result = bench_train(config) if FLAGS.what == "train" else bench_sample(config)
     result["machine"] = _machine()
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    result["peak_rss_mb"] = _peak_rss_mb()
     result["peak_device_mb"] = _peak_device_mb()
     text = json.dumps(result, indent=1, sort_keys=True, default=str)
     print(text)

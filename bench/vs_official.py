@@ -192,6 +192,7 @@ def measure(args, row, batch):
              "official_median_s": o_med, "jaxgen_median_s": j_med, "ratio": o_med / j_med,
              "official_times_s": o_times, "jaxgen_times_s": j_times,
              "official_peak_rss_mb": peak(official, "peak_rss_mb"), "jaxgen_peak_rss_mb": peak(ours, "peak_rss_mb"),
+             "jaxgen_peak_rss_after_compile_mb": peak(ours, "peak_rss_after_compile_mb"),
              "official_peak_device_mb": peak(official, "peak_device_mb"),
              "jaxgen_peak_device_mb": peak(ours, "peak_device_mb"),
              "jaxgen_compile_s": ours[-1]["compile_s"], "jaxgen_flags": jaxgen_flags(row, batch, args.dtype),
