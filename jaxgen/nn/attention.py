@@ -48,6 +48,22 @@ def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, k
     return out.astype(q.dtype)
 
 
+def _normalize_last(q, k, v, mask, bias, scale):
+    """softmax(logits) v with the normalisation applied to the (B, T, N, H) output instead of the (B, N, T, S)
+    probabilities: exp(logits - max) v / sum(exp(logits - max)). The same function; on XLA:CPU it skips a pass over
+    the logits (MAR-B's decoder attention, 4 x 12 heads x 320 x 320: 19.5 instead of 30.4 ms on the Intel VM of
+    2026-12-04). Masked logits get a finite floor, so a fully masked row is uniform (as jax's own XLA path)."""
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    total = jnp.transpose(jnp.sum(weights, axis=-1), (0, 2, 1))[..., None]  # (B, T, N, 1)
+    out = jnp.einsum("bnts,bsnh->btnh", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(q.dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
                           bias: Optional[jax.Array] = None, impl: str = "auto", *, scale: Optional[float] = None,
                           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
@@ -86,12 +102,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
         extra = jnp.where(mask4, jnp.zeros((), q.dtype), floor)
         bias4 = extra if bias4 is None else (bias4.astype(q.dtype) + extra)
         mask4 = None
-    if use == "xla" and bias4 is None and mask4 is None:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     if use == "xla":
-        # jax's XLA path substitutes a large finite negative for masked logits too; bias joins in f32.
-        return jax.nn.dot_product_attention(q, k, v, bias=None if bias4 is None else bias4.astype(jnp.float32),
-                                            mask=mask4, scale=scale, implementation="xla").astype(q.dtype)
+        return _normalize_last(q, k, v, mask4, bias4, scale)
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias4 is None else bias4.astype(q.dtype),
                                         scale=scale, implementation="cudnn")
 
