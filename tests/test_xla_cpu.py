@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from jaxgen.utils.xla_cpu import intel_cpu
+
 _PROBE = textwrap.dedent("""
     import os, jaxgen, jax
     init = lambda k: [jax.random.normal(jax.random.fold_in(k, i), (256, 1024)) for i in range(32)]  # 32 x 1 MB
@@ -26,14 +28,9 @@ def _run(**env_extra):
 CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
-def _intel() -> bool:
-    with open("/proc/cpuinfo") as f:
-        return "GenuineIntel" in f.read()
-
-
 def test_import_sets_the_memory_ordered_scheduler():
     temp_mb, flags = _run()
-    assert flags == ["--xla_cpu_enable_concurrency_optimized_scheduler=false"] + ([CONV] if _intel() else [])
+    assert flags == ["--xla_cpu_enable_concurrency_optimized_scheduler=false"] + ([CONV] if intel_cpu() else [])
     assert temp_mb < 8  # one leaf's random bits at a time
 
 

@@ -32,16 +32,21 @@ def resolve_impl(impl: str, dtype, head_dim: int) -> str:
     return "cudnn" if (on_gpu and half and fits) else "xla"
 
 
-def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, kv_layout="BSNH"):
-    """Reference path (also the only one with attention-probability dropout or a BNSH cache): f32 logits, softmax."""
-    kv = "bsnh" if kv_layout == "BSNH" else "bnsh"
+def _logits(q, k, mask, bias, scale, kv="bsnh"):
+    """f32 (B, N, T, S) attention logits: q k^T * scale + bias, masked positions at a finite floor (not -inf), which
+    keeps a fully masked row finite (uniform) instead of NaN."""
     logits = jnp.einsum(f"btnh,{kv}->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
-        # A finite floor (not -inf) keeps a fully masked row finite (uniform) instead of NaN.
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    return logits
+
+
+def _explicit_attention(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, kv_layout="BSNH"):
+    """Reference path (also the only one with attention-probability dropout or a BNSH cache): f32 logits, softmax."""
+    kv = "bsnh" if kv_layout == "BSNH" else "bnsh"
+    probs = jax.nn.softmax(_logits(q, k, mask, bias, scale, kv), axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
         probs = dropout(probs, dropout_rate, dropout_rng)
     out = jnp.einsum(f"bnts,{kv}->btnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -52,12 +57,8 @@ def _normalize_last(q, k, v, mask, bias, scale):
     """softmax(logits) v with the normalisation applied to the (B, T, N, H) output instead of the (B, N, T, S)
     probabilities: exp(logits - max) v / sum(exp(logits - max)). The same function; on XLA:CPU it skips a pass over
     the logits (MAR-B's decoder attention, 4 x 12 heads x 320 x 320: 19.5 instead of 30.4 ms on the Intel VM of
-    2026-12-04). Masked logits get a finite floor, so a fully masked row is uniform (as jax's own XLA path)."""
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    2026-12-04). A fully masked row is uniform, as with jax's own XLA path (see `_logits`)."""
+    logits = _logits(q, k, mask, bias, scale)
     weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     total = jnp.transpose(jnp.sum(weights, axis=-1), (0, 2, 1))[..., None]  # (B, T, N, 1)
     out = jnp.einsum("bnts,bsnh->btnh", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
