@@ -38,6 +38,8 @@ flags.DEFINE_integer("repeats", 2, "Timed sampling calls.")
 flags.DEFINE_integer("warmup", 1, "Untimed sampling calls first (the sampler is compiled ahead of time either way).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense bf16 TFLOP/s of one device, for MFU (H100 SXM: 989).")
 flags.DEFINE_string("json", "", "Also write the result here.")
+flags.DEFINE_string("profile_dir", "", "Trace one extra sampling call / train step with jax.profiler into this "
+                    "directory (a Perfetto trace too; bench/op_profile.py sums it per XLA op).")
 
 
 def _machine() -> str:
@@ -99,6 +101,10 @@ def bench_train(config):
                 jax.block_until_ready(m)
                 times.append(time.time() - t0)
             dt = statistics.median(times)
+            if FLAGS.profile_dir:
+                with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
+                    state, m = compiled(state, batch, trainer.frozen)
+                    jax.block_until_ready(m)
         trainer.close()
     result = {"what": "train", "family": config.family, "batch_size": config.batch_size,
               "compute_dtype": config.compute_dtype, "compile_s": round(compile_s, 1), "times_s": times,
@@ -172,6 +178,9 @@ def bench_sample(config):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(i + 1)))
             times.append(time.time() - t0)
         dt = statistics.median(times)
+        if FLAGS.profile_dir:
+            with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
+                jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
     from jaxgen.families.base import GENERIC_SAMPLE_KEYS
 
     s = config.sample
