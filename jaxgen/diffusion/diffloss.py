@@ -15,15 +15,32 @@ from jaxgen.diffusion.gaussian import GaussianDiffusion
 Net = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def _identity(y):
+    return y
+
+
 class EmbeddedDenoiser(NamedTuple):
     """A denoiser whose conditioning is y = time(t_original) + condition(z), given to `diffloss_sample` in parts:
     z does not change over the DDPM steps and the timesteps are known in advance, so both are embedded once per
     call (the timesteps of all steps in one batch) instead of at every step; the arithmetic per row is the same.
-    body(x_t, y) -> (N, 2C), or body(x_t, y, cfg) for guided sampling (the `forward_with_cfg` form)."""
+    `modulate(y)` maps y (..., N, W) to what the body reads (a pytree, e.g. every block's adaLN chunks); it runs for
+    several DDPM steps in one batch (see `diffloss_sample`'s modulation_bytes), so a small-batch sampler no longer
+    streams those weights at every step. body(x_t, m) -> (N, 2C), or body(x_t, m, cfg) for guided sampling (the
+    `forward_with_cfg` form), with m = modulate(y) of the step."""
 
     time: Callable[[jax.Array], jax.Array]
     condition: Callable[[jax.Array], jax.Array]
     body: Callable
+    modulate: Callable = _identity
+
+
+def modulation_chunk(net: EmbeddedDenoiser, cond: jax.Array, steps: int, modulation_bytes: int) -> int:
+    """DDPM steps whose `modulate` outputs are computed together: the largest divisor of `steps` whose outputs for
+    all rows fit in `modulation_bytes` (at least 1: per step)."""
+    one = jax.eval_shape(net.modulate, jax.ShapeDtypeStruct((1,) + cond.shape, cond.dtype))
+    per_step = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(one))
+    fits = [d for d in range(1, steps + 1) if steps % d == 0 and d * per_step <= modulation_bytes]
+    return max(fits, default=1)
 
 
 def diffloss_loss(net: Net, target, z, mask: Optional[jax.Array], rng: Optional[jax.Array],
@@ -64,14 +81,17 @@ def _is_guided(cfg, guided: Optional[bool]) -> bool:
 
 def diffloss_sample(net, z, rng: Optional[jax.Array], diffusion_gen: GaussianDiffusion,
                     temperature=1.0, cfg=1.0, noise_init=None, noise_steps=None,
-                    guided: Optional[bool] = None, channels: Optional[int] = None) -> jax.Array:
+                    guided: Optional[bool] = None, channels: Optional[int] = None,
+                    modulation_bytes: int = 64 << 20) -> jax.Array:
     """Sample token latents (N, C) for conditions z (N, D), as the official `DiffLoss.sample`.
 
     Unguided (cfg == 1): `net(x_t, t_original, z)`. Guided (cfg != 1, a traced cfg, or `guided=True`): rows
     of z are [cond; uncond]; `net(x_t, t_original, z, cfg)` must be the denoiser's `forward_with_cfg` (as the
     official passes `net.forward_with_cfg` with `cfg_scale`), and the initial noise is drawn for N/2 rows and
     duplicated. ALL N rows are returned, like the official; the caller keeps the first half.
-    `net` may also be an `EmbeddedDenoiser` (its body then takes y in place of (t_original, z)).
+    `net` may also be an `EmbeddedDenoiser` (its body then takes modulate(y) in place of (t_original, z)); its
+    `modulate` then runs for as many DDPM steps at once as fit in `modulation_bytes` (a divisor of the step count;
+    0: one step at a time), the scan going over those chunks.
 
     temperature scales only the per-step noise; the last step (t = 0) adds none. `noise_init` ((N or N/2, C))
     and `noise_steps` ((S, N, C), k = 0 is the largest t) replace the random draws (parity tests).
@@ -106,24 +126,42 @@ def diffloss_sample(net, z, rng: Optional[jax.Array], diffusion_gen: GaussianDif
 
     ks = jnp.arange(steps, dtype=jnp.int32)
     ts = steps - 1 - ks  # respaced indices, largest first
-    embedded = isinstance(net, EmbeddedDenoiser)
-    if embedded:
-        cond = net.condition(z)
-        time = net.time(diffusion_gen.original_timesteps(ts))  # (S, W): every step's embedding in one batch
+    noise_steps = None if noise_steps is None else jnp.asarray(noise_steps, jnp.float32)
 
-    def step(x_t, inputs):
-        k, t, noise = inputs
+    def denoise_step(x_t, k, t, noise, run_net):
         if noise is None:
             noise = jax.random.normal(jax.random.fold_in(step_rng, k), x_t.shape, jnp.float32)
         t_vec = jnp.full((n,), t, jnp.int32)
-        if embedded:
-            y = time[k][None] + cond
-            out = net.body(x_t, y, cfg) if guided else net.body(x_t, y)
-        else:
-            t_orig = diffusion_gen.original_timesteps(t_vec)
-            out = net(x_t, t_orig, z, cfg) if guided else net(x_t, t_orig, z)
-        return diffusion_gen.p_sample(out.astype(jnp.float32), x_t, t_vec, noise, temperature)["sample"], None
+        out = run_net(x_t, t_vec)
+        return diffusion_gen.p_sample(out.astype(jnp.float32), x_t, t_vec, noise, temperature)["sample"]
 
-    xs = (ks, ts, None if noise_steps is None else jnp.asarray(noise_steps, jnp.float32))
-    x, _ = jax.lax.scan(step, x, xs)
+    if not isinstance(net, EmbeddedDenoiser):
+        def step(x_t, inputs):
+            k, t, noise = inputs
+
+            def run_net(x, t_vec):
+                t_orig = diffusion_gen.original_timesteps(t_vec)
+                return net(x, t_orig, z, cfg) if guided else net(x, t_orig, z)
+            return denoise_step(x_t, k, t, noise, run_net), None
+
+        x, _ = jax.lax.scan(step, x, (ks, ts, noise_steps))
+        return x
+
+    cond = net.condition(z)
+    time = net.time(diffusion_gen.original_timesteps(ts))  # (S, W): every step's embedding in one batch
+    chunk = modulation_chunk(net, cond, steps, modulation_bytes)
+
+    def inner(x_t, inputs):
+        k, t, noise, m = inputs
+        return denoise_step(x_t, k, t, noise, lambda x, _: net.body(x, m, cfg) if guided else net.body(x, m)), None
+
+    def outer(x_t, inputs):
+        k, t, noise, time_c = inputs
+        mods = net.modulate(time_c[:, None] + cond[None])  # (chunk, N, ...) in one batch
+        return jax.lax.scan(inner, x_t, (k, t, noise, mods))[0], None
+
+    def by_chunk(a):
+        return None if a is None else a.reshape((steps // chunk, chunk) + a.shape[1:])
+
+    x, _ = jax.lax.scan(outer, x, (by_chunk(ks), by_chunk(ts), by_chunk(noise_steps), by_chunk(time)))
     return x

@@ -44,38 +44,52 @@ def cfg_mix(model_out, cfg_scale, eps_channels: int):
 
 
 class ResBlock(nn.Module):
-    """x + gate * MLP(modulate(LN(x), shift, scale)); (shift, scale, gate) = Linear(SiLU(y)) in that order."""
+    """x + gate * MLP(modulate(LN(x), shift, scale)); (shift, scale, gate) = Linear(SiLU(y)) in that order.
+    `modulation(y)` alone gives those three chunks, so a sampler can compute them for many timesteps in one batch
+    and pass them as `mod` (then y is not read)."""
 
     channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, y):
+    def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = Dense(3 * self.channels, axes=("embed", "mlp"), kernel_init=_zeros, name="ada_ln", **kw)(nn.silu(y))
-        shift, scale, gate = jnp.split(mod, 3, axis=-1)
-        h = modulate(LayerNorm(1e-6, name="in_ln", **kw)(x), shift, scale)
-        h = Dense(self.channels, axes=("embed", "mlp"), name="mlp_0", **kw)(h)
-        h = Dense(self.channels, axes=("mlp", "embed"), name="mlp_2", **kw)(nn.silu(h))
+        self.ada_ln = Dense(3 * self.channels, axes=("embed", "mlp"), kernel_init=_zeros, **kw)
+        self.in_ln = LayerNorm(1e-6, **kw)
+        self.mlp_0 = Dense(self.channels, axes=("embed", "mlp"), **kw)
+        self.mlp_2 = Dense(self.channels, axes=("mlp", "embed"), **kw)
+
+    def modulation(self, y):
+        return tuple(jnp.split(self.ada_ln(nn.silu(y)), 3, axis=-1))
+
+    def __call__(self, x, y=None, mod=None):
+        shift, scale, gate = self.modulation(y) if mod is None else mod
+        h = modulate(self.in_ln(x), shift, scale)
+        h = self.mlp_2(nn.silu(self.mlp_0(h)))
         return x + gate * h
 
 
 class FinalLayer(nn.Module):
-    """Affine-free LN, adaLN (shift, scale), then Linear to the output channels (DiT's final layer)."""
+    """Affine-free LN, adaLN (shift, scale), then Linear to the output channels (DiT's final layer); `modulation` /
+    `mod` as in `ResBlock`."""
 
     channels: int
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, y):
+    def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = Dense(2 * self.channels, axes=("embed", "mlp"), kernel_init=_zeros, name="ada_ln", **kw)(nn.silu(y))
-        shift, scale = jnp.split(mod, 2, axis=-1)
-        h = modulate(LayerNorm(1e-6, use_scale=False, use_bias=False, name="norm", **kw)(x), shift, scale)
-        return Dense(self.out_channels, axes=("embed", "latent"), kernel_init=_zeros, name="linear", **kw)(h)
+        self.ada_ln = Dense(2 * self.channels, axes=("embed", "mlp"), kernel_init=_zeros, **kw)
+        self.norm = LayerNorm(1e-6, use_scale=False, use_bias=False, **kw)
+        self.linear = Dense(self.out_channels, axes=("embed", "latent"), kernel_init=_zeros, **kw)
+
+    def modulation(self, y):
+        return tuple(jnp.split(self.ada_ln(nn.silu(y)), 2, axis=-1))
+
+    def __call__(self, x, y=None, mod=None):
+        shift, scale = self.modulation(y) if mod is None else mod
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -83,7 +97,10 @@ class SimpleMLPAdaLN(nn.Module):
 
     `__call__` is the official forward. Its conditioning y = time_embed(t) + cond_embed(c) is also available in
     parts (`embed_time`, `embed_condition`, then `forward_embedded(x, y)`), so a sampler can embed the condition once
-    per call and the timesteps of all DDPM steps in one batch instead of at every step (same arithmetic per row)."""
+    per call and the timesteps of all DDPM steps in one batch instead of at every step (same arithmetic per row).
+    Likewise the adaLN chunks of every block (`modulations(y)`, then `forward_modulated(x, mods)`): y depends only
+    on (timestep, condition), so a sampler computes them for many DDPM steps in one matmul per block instead of
+    streaming the ada_ln weights (3/5 of the denoiser's) at every step."""
 
     in_channels: int
     model_channels: int
@@ -115,14 +132,23 @@ class SimpleMLPAdaLN(nn.Module):
             raise ValueError(f"SimpleMLPAdaLN expects c (..., {self.z_channels}); got {c.shape}")
         return self.cond_embed(c)
 
-    def forward_embedded(self, x, y):
-        """x (N, in) and the conditioning y = embed_time(t) + embed_condition(c) (N, W) -> (N, out)."""
+    def modulations(self, y):
+        """y (..., W) -> every block's adaLN chunks: a tuple (res blocks, then the final layer) of tuples of
+        (..., W) arrays."""
+        return tuple(block.modulation(y) for block in self.res_blocks) + (self.final_layer.modulation(y),)
+
+    def forward_modulated(self, x, mods):
+        """x (N, in) and `modulations(y)` of its rows (each chunk (N, W)) -> (N, out)."""
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"SimpleMLPAdaLN expects x (..., {self.in_channels}); got {x.shape}")
         x = self.input_proj(x)
-        for block in self.res_blocks:
-            x = block(x, y)
-        return self.final_layer(x, y)
+        for block, mod in zip(self.res_blocks, mods[:-1]):
+            x = block(x, mod=mod)
+        return self.final_layer(x, mod=mods[-1])
+
+    def forward_embedded(self, x, y):
+        """x (N, in) and the conditioning y = embed_time(t) + embed_condition(c) (N, W) -> (N, out)."""
+        return self.forward_modulated(x, self.modulations(y))
 
     def __call__(self, x, t, c):
         return self.forward_embedded(x, self.embed_time(t) + self.embed_condition(c))
@@ -133,5 +159,10 @@ class SimpleMLPAdaLN(nn.Module):
 
     def forward_embedded_with_cfg(self, x, y, cfg_scale):
         """`forward_with_cfg` given the conditioning y (see `forward_embedded`)."""
+        return self.forward_modulated_with_cfg(x, self.modulations(y), cfg_scale)
+
+    def forward_modulated_with_cfg(self, x, mods, cfg_scale):
+        """`forward_with_cfg` given the rows' `modulations(y)`."""
         half = x[: x.shape[0] // 2]
-        return cfg_mix(self.forward_embedded(jnp.concatenate([half, half], axis=0), y), cfg_scale, self.in_channels)
+        return cfg_mix(self.forward_modulated(jnp.concatenate([half, half], axis=0), mods), cfg_scale,
+                       self.in_channels)

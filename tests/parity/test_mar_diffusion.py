@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample
+from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample, modulation_chunk
 from jaxgen.diffusion.gaussian import _TABLES, create_diffusion
 from jaxgen.sampling.schedules import mar_mask_schedule
 from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
@@ -138,10 +138,28 @@ def test_mar_diffusion_parity(fixture):
             condition=lambda c: module.apply(variables, c, method=SimpleMLPAdaLN.embed_condition),
             body=(lambda x, y, s: module.apply(variables, x, y, s, method=SimpleMLPAdaLN.forward_embedded_with_cfg))
             if guided else (lambda x, y: module.apply(variables, x, y, method=SimpleMLPAdaLN.forward_embedded)))
-        for form, denoiser in (("", fn), ("_embedded", embedded)):
+        # MAR's sampler: the adaLN modulations of several DDPM steps in one batch (all steps, a proper divisor of
+        # them, one at a time), the scan then going over chunks of steps.
+        modulated = EmbeddedDenoiser(
+            time=embedded.time, condition=embedded.condition,
+            body=(lambda x, m, s: module.apply(variables, x, m, s, method=SimpleMLPAdaLN.forward_modulated_with_cfg))
+            if guided else (lambda x, m: module.apply(variables, x, m, method=SimpleMLPAdaLN.forward_modulated)),
+            modulate=lambda y: module.apply(variables, y, method=SimpleMLPAdaLN.modulations))
+        steps = gen.num_timesteps
+        cond = jnp.zeros((z.shape[0], module.model_channels), jnp.float32)
+        per_step = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(
+            jax.eval_shape(modulated.modulate, jax.ShapeDtypeStruct((1,) + cond.shape, cond.dtype))))
+        divisor = min((d for d in range(2, steps) if steps % d == 0), default=1)
+        forms = [("", fn, None, None), ("_embedded", embedded, None, None),
+                 ("_modulated_all", modulated, steps * per_step, steps), ("_modulated_per_step", modulated, 0, 1),
+                 (f"_modulated_{divisor}", modulated, divisor * per_step + per_step // 2, divisor)]
+        for form, denoiser, budget, chunk in forms:
+            if budget is not None:
+                assert modulation_chunk(denoiser, cond, steps, budget) == chunk
+            kw = {} if budget is None else {"modulation_bytes": budget}
             out = diffloss_sample(denoiser, z, None, gen, temperature=temperature, cfg=cfg,
                                   noise_init=jnp.asarray(io[p + "_noise_init"]),
-                                  noise_steps=jnp.asarray(io[p + "_noise_steps"]))
+                                  noise_steps=jnp.asarray(io[p + "_noise_steps"]), **kw)
             res.close(p + "_out" + form, out, io[p + "_out"], rel_to_max=SAMPLE_REL_TO_MAX)
 
     # MAR's cosine mask schedule.

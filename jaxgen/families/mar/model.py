@@ -226,20 +226,24 @@ class MAR(nn.Module):
         return self.diffloss.forward_with_cfg(x_t, t, c, cfg_scale)
 
     def diffusion_time_embedding(self, t):
-        """The denoiser's timestep embedding (N,) -> (N, W) (see SimpleMLPAdaLN.forward_embedded)."""
+        """The denoiser's timestep embedding (N,) -> (N, W) (see SimpleMLPAdaLN.modulations)."""
         return self.diffloss.embed_time(t)
 
     def diffusion_condition_embedding(self, c):
         """The denoiser's condition embedding (N, Dd) -> (N, W)."""
         return self.diffloss.embed_condition(c)
 
-    def denoise_embedded(self, x_t, y):
-        """`denoise` given y = time embedding + condition embedding."""
-        return self.diffloss.forward_embedded(x_t, y)
+    def diffusion_modulations(self, y):
+        """The denoiser's adaLN chunks of every block for conditionings y (..., W) (SimpleMLPAdaLN.modulations)."""
+        return self.diffloss.modulations(y)
 
-    def denoise_embedded_with_cfg(self, x_t, y, cfg_scale):
-        """`denoise_with_cfg` given y = time embedding + condition embedding."""
-        return self.diffloss.forward_embedded_with_cfg(x_t, y, cfg_scale)
+    def denoise_modulated(self, x_t, mods):
+        """`denoise` given the rows' `diffusion_modulations`."""
+        return self.diffloss.forward_modulated(x_t, mods)
+
+    def denoise_modulated_with_cfg(self, x_t, mods, cfg_scale):
+        """`denoise_with_cfg` given the rows' `diffusion_modulations`."""
+        return self.diffloss.forward_modulated_with_cfg(x_t, mods, cfg_scale)
 
 
 def dummy_inputs(model: MAR, batch: int = 1):
@@ -255,10 +259,11 @@ def init_params(model: MAR, rng: jax.Array):
 
 
 def embedded_denoiser(model: MAR, variables, guided: bool):
-    """The diffusion head as `diffloss_sample`'s EmbeddedDenoiser (condition / timesteps embedded once per call)."""
+    """The diffusion head as `diffloss_sample`'s EmbeddedDenoiser: condition / timesteps embedded once per call, the
+    adaLN modulations of several DDPM steps computed in one batch."""
     from jaxgen.diffusion.diffloss import EmbeddedDenoiser
-    body = (lambda x_t, y, s: model.apply(variables, x_t, y, s, method=MAR.denoise_embedded_with_cfg)) if guided \
-        else (lambda x_t, y: model.apply(variables, x_t, y, method=MAR.denoise_embedded))
+    body = (lambda x_t, m, s: model.apply(variables, x_t, m, s, method=MAR.denoise_modulated_with_cfg)) if guided \
+        else (lambda x_t, m: model.apply(variables, x_t, m, method=MAR.denoise_modulated))
     return EmbeddedDenoiser(time=lambda t: model.apply(variables, t, method=MAR.diffusion_time_embedding),
                             condition=lambda c: model.apply(variables, c, method=MAR.diffusion_condition_embedding),
-                            body=body)
+                            body=body, modulate=lambda y: model.apply(variables, y, method=MAR.diffusion_modulations))

@@ -78,11 +78,13 @@ def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 16, diffusio
 
 def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, diffusion, num_iter: int,
                    cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
-                   encoder_buckets: int = 16, diffusion_buckets: int = 16) -> jax.Array:
+                   encoder_buckets: int = 16, diffusion_buckets: int = 16,
+                   modulation_bytes: int = 64 << 20) -> jax.Array:
     """-> latents (B, h, w, z) NHWC in the scaled token space. `diffusion`: the respaced generation diffusion.
 
     `encoder_buckets` / `diffusion_buckets`: most compiled sizes for the encoder's tokens and the diffusion head's
-    rows (see the module docstring); more buckets = less padded work, more compile time."""
+    rows (see the module docstring); more buckets = less padded work, more compile time. `modulation_bytes`: room
+    for the head's adaLN modulations of several DDPM steps (`diffloss_sample`)."""
     num_iter = int(num_iter)
     use_cfg = guidance.guided(cfg, 1.0)
     seq_len, tdim, buffer = model.seq_len, model.token_dim, model.buffer_size
@@ -131,10 +133,11 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
             zsel = z[:, :size].reshape(-1, z.shape[-1])  # with CFG: [cond rows; uncond rows]
             if use_cfg:
                 sampled = diffloss_sample(denoiser, zsel, step_rng, diffusion, temperature=temperature,
-                                          cfg=t["scale"], guided=True, channels=tdim)[: b * size]  # drop null half
+                                          cfg=t["scale"], guided=True, channels=tdim,
+                                          modulation_bytes=modulation_bytes)[: b * size]  # drop null half
             else:
                 sampled = diffloss_sample(denoiser, zsel, step_rng, diffusion, temperature=temperature, guided=False,
-                                          channels=tdim)
+                                          channels=tdim, modulation_bytes=modulation_bytes)
             sampled = sampled.reshape(b, size, tdim).astype(tokens.dtype)
             # Invalid slots scatter out of bounds and are dropped.
             return tokens.at[rows, jnp.where(valid, pos, seq_len)].set(sampled, mode="drop")
