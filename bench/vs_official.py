@@ -68,7 +68,9 @@ ROWS = {
     "mar_b_sample_iter256": ("sample", ["--config=configs/mar_b.py", "--what=sample_tokens",
                                         "--config.sample.num_iter=256", "--config.sample.cfg=3.0"], 2),
     "var_d16_sample": ("sample", ["--config=configs/var_d16.py", "--what=sample"], 2),
-    "var_d16_train": ("train", ["--config=configs/var_d16.py", "--what=train", "--config.optim.grad_clip=0"], 2),
+    # the anchor's VAR step starts from x_BLCv (no VQVAE encode): jaxgen trains on cached multi-scale codes the same way
+    "var_d16_train": ("train", ["--config=configs/var_d16.py", "--what=train", "--config.optim.grad_clip=0",
+                                "--config.data.cache=True"], 2),
 }
 
 DEFAULT_ROWS = ("mar_b_sample_iter64", "mar_b_sample_iter256", "var_d16_sample", "rar_b_sample", "mar_b_train",
