@@ -34,11 +34,16 @@ class EmbeddedDenoiser(NamedTuple):
     modulate: Callable = _identity
 
 
+def modulation_bytes_per_step(net: EmbeddedDenoiser, cond: jax.Array) -> int:
+    """Bytes of `modulate`'s output for one DDPM step of the rows of `cond` (N, W) (shapes only, nothing runs)."""
+    one = jax.eval_shape(net.modulate, jax.ShapeDtypeStruct((1,) + cond.shape, cond.dtype))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(one))
+
+
 def modulation_chunk(net: EmbeddedDenoiser, cond: jax.Array, steps: int, modulation_bytes: int) -> int:
     """DDPM steps whose `modulate` outputs are computed together: the largest divisor of `steps` whose outputs for
     all rows fit in `modulation_bytes` (at least 1: per step)."""
-    one = jax.eval_shape(net.modulate, jax.ShapeDtypeStruct((1,) + cond.shape, cond.dtype))
-    per_step = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(one))
+    per_step = modulation_bytes_per_step(net, cond)
     fits = [d for d in range(1, steps + 1) if steps % d == 0 and d * per_step <= modulation_bytes]
     return max(fits, default=1)
 
@@ -128,21 +133,19 @@ def diffloss_sample(net, z, rng: Optional[jax.Array], diffusion_gen: GaussianDif
     ts = steps - 1 - ks  # respaced indices, largest first
     noise_steps = None if noise_steps is None else jnp.asarray(noise_steps, jnp.float32)
 
-    def denoise_step(x_t, k, t, noise, run_net):
+    def p_step(x_t, k, t_vec, noise, out):
+        """One ancestral step from the denoiser's output `out` at x_t."""
         if noise is None:
             noise = jax.random.normal(jax.random.fold_in(step_rng, k), x_t.shape, jnp.float32)
-        t_vec = jnp.full((n,), t, jnp.int32)
-        out = run_net(x_t, t_vec)
         return diffusion_gen.p_sample(out.astype(jnp.float32), x_t, t_vec, noise, temperature)["sample"]
 
     if not isinstance(net, EmbeddedDenoiser):
         def step(x_t, inputs):
             k, t, noise = inputs
-
-            def run_net(x, t_vec):
-                t_orig = diffusion_gen.original_timesteps(t_vec)
-                return net(x, t_orig, z, cfg) if guided else net(x, t_orig, z)
-            return denoise_step(x_t, k, t, noise, run_net), None
+            t_vec = jnp.full((n,), t, jnp.int32)
+            t_orig = diffusion_gen.original_timesteps(t_vec)
+            out = net(x_t, t_orig, z, cfg) if guided else net(x_t, t_orig, z)
+            return p_step(x_t, k, t_vec, noise, out), None
 
         x, _ = jax.lax.scan(step, x, (ks, ts, noise_steps))
         return x
@@ -153,7 +156,8 @@ def diffloss_sample(net, z, rng: Optional[jax.Array], diffusion_gen: GaussianDif
 
     def inner(x_t, inputs):
         k, t, noise, m = inputs
-        return denoise_step(x_t, k, t, noise, lambda x, _: net.body(x, m, cfg) if guided else net.body(x, m)), None
+        out = net.body(x_t, m, cfg) if guided else net.body(x_t, m)
+        return p_step(x_t, k, jnp.full((n,), t, jnp.int32), noise, out), None
 
     def outer(x_t, inputs):
         k, t, noise, time_c = inputs

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.diffusion.diffloss import EmbeddedDenoiser, diffloss_sample, modulation_chunk
+from jaxgen.diffusion.diffloss import (EmbeddedDenoiser, diffloss_sample, modulation_bytes_per_step,
+                                       modulation_chunk)
 from jaxgen.diffusion.gaussian import _TABLES, create_diffusion
 from jaxgen.sampling.schedules import mar_mask_schedule
 from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
@@ -147,8 +148,7 @@ def test_mar_diffusion_parity(fixture):
             modulate=lambda y: module.apply(variables, y, method=SimpleMLPAdaLN.modulations))
         steps = gen.num_timesteps
         cond = jnp.zeros((z.shape[0], module.model_channels), jnp.float32)
-        per_step = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(
-            jax.eval_shape(modulated.modulate, jax.ShapeDtypeStruct((1,) + cond.shape, cond.dtype))))
+        per_step = modulation_bytes_per_step(modulated, cond)
         divisor = min((d for d in range(2, steps) if steps % d == 0), default=1)
         forms = [("", fn, None, None), ("_embedded", embedded, None, None),
                  ("_modulated_all", modulated, steps * per_step, steps), ("_modulated_per_step", modulated, 0, 1),
