@@ -69,7 +69,8 @@ def jaxgen_parts(rows_list, reps):
 
     from jaxgen.diffusion.diffloss import diffloss_sample
     from jaxgen.diffusion.gaussian import create_diffusion
-    from jaxgen.families.mar.model import MAR, embedded_denoiser, init_params
+    from jaxgen.families.mar.model import MAR, embedded_denoiser, head_step_params, init_params
+    from jaxgen.nn import kernel_layout
 
     model = MAR(encoder_embed_dim=768, decoder_embed_dim=768, encoder_depth=12, decoder_depth=12,
                 encoder_num_heads=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024)
@@ -89,7 +90,8 @@ def jaxgen_parts(rows_list, reps):
         return best
 
     def head(p, z, rng):  # as the sampler runs it: condition and timesteps embedded once per call
-        net = embedded_denoiser(model, {"params": p}, guided=True)
+        step_params = head_step_params(p) if kernel_layout.wanted(z.shape[0]) else None  # as the sampler picks
+        net = embedded_denoiser(model, {"params": p}, guided=True, step_params=step_params)
         return diffloss_sample(net, z, rng, diffusion, cfg=jnp.float32(3.0), guided=True, channels=16)
 
     out = {}

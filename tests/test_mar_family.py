@@ -296,3 +296,18 @@ def test_paper_settings_run_the_official_work(num_iter):
     few = sampler_mod.sampling_plan(model, num_iter, encoder_buckets=6)
     assert len(few["encoder_sizes"]) == 6
     assert plan["encoder_tokens"] < few["encoder_tokens"] <= 1.12 * plan["encoder_tokens_official"]
+
+
+def test_out_major_head_kernels_sample_the_same(family, params, monkeypatch):
+    """Diffusion branches at kernel_layout.MIN_ROWS rows or more read out-major copies of the head's step kernels:
+    the same samples as with the (in, out) kernels, up to float32 summation order."""
+    from jaxgen.nn import kernel_layout
+    p = _perturbed(params)
+
+    def sample(min_rows):
+        monkeypatch.setattr(kernel_layout, "MIN_ROWS", min_rows)
+        return np.asarray(jax.jit(lambda p, l, r: family.sample_tokens(p, l, r, num_iter=4, cfg=2.0,
+                                                                       num_sampling_steps="4"))(
+            p, jnp.array([1, 2], jnp.int32), jax.random.PRNGKey(7)))
+
+    np.testing.assert_allclose(sample(1), sample(10 ** 9), rtol=1e-4, atol=1e-5)

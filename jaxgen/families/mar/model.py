@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.nn import kernel_layout
 from jaxgen.nn.diffusion_head import SimpleMLPAdaLN
 from jaxgen.nn.layers import Dense, Dtype, Embed, LayerNorm, constrain, with_axes
 from jaxgen.nn.transformer import BlockStack
@@ -253,17 +254,34 @@ def dummy_inputs(model: MAR, batch: int = 1):
     return tokens, labels, mask
 
 
+# The diffusion head's kernels every DDPM step multiplies (the adaLN ones run batched over steps, `modulate`).
+HEAD_STEP_KERNELS = ("mlp_0", "mlp_2")
+
+
 def init_params(model: MAR, rng: jax.Array):
     """Boxed params (logical-axis metadata kept) of the whole MAR incl. the diffusion head."""
     return model.init({"params": rng}, *dummy_inputs(model))["params"]
 
 
-def embedded_denoiser(model: MAR, variables, guided: bool):
+def head_step_params(params):
+    """params with the res blocks' MLP kernels of the diffusion head out-major (`jaxgen.nn.kernel_layout`): what
+    `embedded_denoiser`'s steps read when they run `kernel_layout.MIN_ROWS` rows or more on XLA:CPU. Make it
+    outside the loops (one copy of those kernels per call)."""
+    return kernel_layout.to_out_major(params, kernel_layout.dense_kernels(HEAD_STEP_KERNELS, within="diffloss"))
+
+
+def embedded_denoiser(model: MAR, variables, guided: bool, step_params=None):
     """The diffusion head as `diffloss_sample`'s EmbeddedDenoiser: condition / timesteps embedded once per call, the
-    adaLN modulations of several DDPM steps computed in one batch."""
+    adaLN modulations of several DDPM steps computed in one batch. `step_params`: the params the DDPM steps read
+    (default variables["params"]), e.g. `head_step_params`, made outside the loop."""
     from jaxgen.diffusion.diffloss import EmbeddedDenoiser
-    body = (lambda x_t, m, s: model.apply(variables, x_t, m, s, method=MAR.denoise_modulated_with_cfg)) if guided \
-        else (lambda x_t, m: model.apply(variables, x_t, m, method=MAR.denoise_modulated))
+    step_params = variables["params"] if step_params is None else step_params
+
+    def step_variables():  # called inside the DDPM loop's body: XLA folds the in-major views into the dots
+        return {**variables, "params": kernel_layout.in_major(step_params)}
+
+    body = (lambda x_t, m, s: model.apply(step_variables(), x_t, m, s, method=MAR.denoise_modulated_with_cfg)) \
+        if guided else (lambda x_t, m: model.apply(step_variables(), x_t, m, method=MAR.denoise_modulated))
     return EmbeddedDenoiser(time=lambda t: model.apply(variables, t, method=MAR.diffusion_time_embedding),
                             condition=lambda c: model.apply(variables, c, method=MAR.diffusion_condition_embedding),
                             body=body, modulate=lambda y: model.apply(variables, y, method=MAR.diffusion_modulations))

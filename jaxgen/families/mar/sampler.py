@@ -16,7 +16,9 @@ the steps into a few sizes and each step `lax.switch`es to the branch of its siz
   Rows beyond the count are independent draws that are thrown away, so the kept rows have the official
   distribution. The decoder runs on the full length, as official, except that its last block computes only the
   rows of the largest diffusion bucket (the others are keys only: the same z for the rows that are sampled).
-The whole loop is ONE `jaxgen.sampling.loop.decode_loop`; only the taken branch of each switch runs.
+The whole loop is ONE `jaxgen.sampling.loop.decode_loop`; only the taken branch of each switch runs. On XLA:CPU the
+diffusion branches of `kernel_layout.MIN_ROWS` rows or more read out-major copies of the head's step kernels
+(`jaxgen.nn.kernel_layout`), made once per call.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.diffusion.diffloss import diffloss_sample
-from jaxgen.families.mar.model import MAR, embedded_denoiser, unpatchify
+from jaxgen.families.mar.model import MAR, embedded_denoiser, head_step_params, unpatchify
+from jaxgen.nn import kernel_layout
 from jaxgen.sampling import guidance
 from jaxgen.sampling.buckets import size_buckets
 from jaxgen.sampling.loop import decode_loop
@@ -123,9 +126,12 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         pos = jnp.take_along_axis(orders, jnp.broadcast_to(jnp.minimum(rank, seq_len - 1), (b, most)), axis=1)
         return pos, jnp.broadcast_to(rank < t["before"], (b, most))
 
-    denoiser = embedded_denoiser(model, variables, use_cfg)
+    # Branches sampling many rows read out-major copies of the head's step kernels, made once here (kernel_layout).
+    out_major = [kernel_layout.wanted(n * b * copies) for n in diff_sizes]
+    out_major_params = head_step_params(params) if any(out_major) else None
+    denoisers = [embedded_denoiser(model, variables, use_cfg, out_major_params if o else None) for o in out_major]
 
-    def diffuse(size: int):
+    def diffuse(size: int, denoiser):
         """Sample the first `size` of the decoder's rows per image (beyond the step's count: dropped), and write the
         valid ones into the tokens."""
         def run(z, pos, valid, tokens, t, step_rng):
@@ -151,7 +157,7 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         pos, valid = predicted_positions(t)
         z = model.apply(variables, enc, mask_in, False, jnp.tile(pos, (copies, 1)),
                         method=MAR.forward_mae_decoder)  # (B or 2B, most, D)
-        return jax.lax.switch(t["diffusion_branch"], [diffuse(n) for n in diff_sizes], z, pos, valid, tokens, t,
+        return jax.lax.switch(t["diffusion_branch"], [diffuse(n, d) for n, d in zip(diff_sizes, denoisers)], z, pos, valid, tokens, t,
                               jax.random.fold_in(rng_loop, k))
 
     tokens = decode_loop(step, jnp.zeros((b, seq_len, tdim), jnp.float32), num_iter, tables)

@@ -1,0 +1,59 @@
+"""jaxgen.nn.kernel_layout: out-major kernel copies made outside a loop, viewed in-major inside it."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.nn import kernel_layout
+
+
+def _params():
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    return {"head": {"mlp_0": {"kernel": jax.random.normal(k[0], (8, 6)), "bias": jnp.zeros(6)},
+                     "ada_ln": {"kernel": jax.random.normal(k[1], (8, 12))}},
+            "mlp_0": {"kernel": jax.random.normal(k[2], (6, 8))}}
+
+
+def test_selection_roundtrip_and_idempotence():
+    params = _params()
+    select = kernel_layout.dense_kernels(("mlp_0",), within="head")
+    out = kernel_layout.to_out_major(params, select)
+    assert isinstance(out["head"]["mlp_0"]["kernel"], kernel_layout.OutMajor)
+    assert out["head"]["mlp_0"]["kernel"].transposed.shape == (6, 8)
+    # not selected: the bias, another module, the same module name outside `within`
+    assert out["head"]["mlp_0"]["bias"] is params["head"]["mlp_0"]["bias"]
+    assert out["head"]["ada_ln"]["kernel"] is params["head"]["ada_ln"]["kernel"]
+    assert out["mlp_0"]["kernel"] is params["mlp_0"]["kernel"]
+    again = kernel_layout.to_out_major(out, select)
+    assert again["head"]["mlp_0"]["kernel"] is out["head"]["mlp_0"]["kernel"]
+    back = kernel_layout.in_major(out)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+
+
+def test_loop_reads_the_out_major_copy():
+    """The copy is made once outside the loop; inside it the dot contracts the copy's minor dim (no transpose)."""
+    params = _params()
+    select = kernel_layout.dense_kernels(("mlp_0",), within="head")
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+
+    def run(params, x, prepare):
+        prepared = kernel_layout.to_out_major(params, select) if prepare else params
+
+        def body(i, h):
+            w = kernel_layout.in_major(prepared)["head"]["mlp_0"]["kernel"]
+            return jnp.tanh(jnp.dot(h, w)) @ params["mlp_0"]["kernel"]
+        return jax.lax.fori_loop(0, 3, body, x)
+
+    ours = jax.jit(run, static_argnums=2)
+    np.testing.assert_allclose(np.asarray(ours(params, x, True)), np.asarray(ours(params, x, False)),
+                               rtol=1e-6, atol=1e-6)
+    hlo = ours.lower(params, x, True).compile().as_text()
+    dims = re.findall(r"f32\[16,6\]\{1,0\} dot\([^)]*\), lhs_contracting_dims=\{1\}, rhs_contracting_dims=\{(\d)\}",
+                      hlo)
+    assert dims and set(dims) == {"1"}, dims  # reads the (6, 8) copy along its minor dim
+
+
+def test_wanted_needs_rows_and_cpu():
+    assert kernel_layout.wanted(kernel_layout.MIN_ROWS) == (jax.default_backend() == "cpu")
+    assert not kernel_layout.wanted(kernel_layout.MIN_ROWS - 1)
