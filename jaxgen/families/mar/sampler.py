@@ -58,7 +58,7 @@ def _encoder_cost(model: MAR):
     return cost
 
 
-def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 16, diffusion_buckets: int = 16) -> dict:
+def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 8, diffusion_buckets: int = 16) -> dict:
     """Host-side per-step tables of a sample: before / after (still-masked counts), mask_len, the bucket sizes and
     each step's branch, and the work they imply per image (encoder tokens incl. buffer, diffusion rows)."""
     seq_len, buffer = model.seq_len, model.buffer_size
@@ -81,7 +81,7 @@ def sampling_plan(model: MAR, num_iter: int, encoder_buckets: int = 16, diffusio
 
 def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, diffusion, num_iter: int,
                    cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
-                   encoder_buckets: int = 16, diffusion_buckets: int = 16,
+                   encoder_buckets: int = 8, diffusion_buckets: int = 16,
                    modulation_bytes: int = 64 << 20) -> jax.Array:
     """-> latents (B, h, w, z) NHWC in the scaled token space. `diffusion`: the respaced generation diffusion.
 
