@@ -52,8 +52,8 @@ def wanted(rows: int) -> bool:
 def dense_kernels(modules: Tuple[str, ...], within: str = "") -> Callable[[Path, Any], bool]:
     """Selector: the 2-D `kernel` params of the modules named in `modules` (below a module named `within`)."""
     def select(path: Path, leaf) -> bool:
-        return (path[-1:] == ("kernel",) and getattr(leaf, "ndim", 0) == 2 and path[-2:-1] != ()
-                and path[-2] in modules and (not within or within in path[:-2]))
+        return (len(path) >= 2 and path[-1] == "kernel" and path[-2] in modules and getattr(leaf, "ndim", 0) == 2
+                and (not within or within in path[:-2]))
     return select
 
 

@@ -275,10 +275,8 @@ def embedded_denoiser(model: MAR, variables, guided: bool, step_params=None):
     adaLN modulations of several DDPM steps computed in one batch. `step_params`: the params the DDPM steps read
     (default variables["params"]), e.g. `head_step_params`, made outside the loop."""
     from jaxgen.diffusion.diffloss import EmbeddedDenoiser
-    step_params = variables["params"] if step_params is None else step_params
-
     def step_variables():  # called inside the DDPM loop's body: XLA folds the in-major views into the dots
-        return {**variables, "params": kernel_layout.in_major(step_params)}
+        return variables if step_params is None else {**variables, "params": kernel_layout.in_major(step_params)}
 
     body = (lambda x_t, m, s: model.apply(step_variables(), x_t, m, s, method=MAR.denoise_modulated_with_cfg)) \
         if guided else (lambda x_t, m: model.apply(step_variables(), x_t, m, method=MAR.denoise_modulated))

@@ -157,7 +157,8 @@ def sample_latents(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, d
         pos, valid = predicted_positions(t)
         z = model.apply(variables, enc, mask_in, False, jnp.tile(pos, (copies, 1)),
                         method=MAR.forward_mae_decoder)  # (B or 2B, most, D)
-        return jax.lax.switch(t["diffusion_branch"], [diffuse(n, d) for n, d in zip(diff_sizes, denoisers)], z, pos, valid, tokens, t,
+        branches = [diffuse(n, d) for n, d in zip(diff_sizes, denoisers)]
+        return jax.lax.switch(t["diffusion_branch"], branches, z, pos, valid, tokens, t,
                               jax.random.fold_in(rng_loop, k))
 
     tokens = decode_loop(step, jnp.zeros((b, seq_len, tdim), jnp.float32), num_iter, tables)
