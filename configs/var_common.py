@@ -62,6 +62,7 @@ def var_config(depth: int, arg=None):
     m.init_adaln_gamma = r["alng"]
     m.init_head = 0.02
     m.init_std = -1.0  # sqrt(1 / (3 * width))
+    m.attn_chunk_tokens = 64  # speed only: block-causal attention per chunk of scales (0: one dense masked pass)
     c.loss.label_smoothing = 0.0
     c.loss.train_scales = 0  # all scales (no progressive training)
 

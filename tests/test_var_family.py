@@ -229,3 +229,42 @@ def test_lin0_schedule_with_warmup_from_a_fraction_of_the_peak():
     assert float(sched(100 + 49)) == pytest.approx(peak, rel=rel)  # held for 5% of the 1000 post-warmup steps
     assert float(sched(1100)) == pytest.approx(0.1 * peak, rel=rel)
     assert float(sched(600)) < peak
+
+
+def test_block_causal_attention_by_scale_chunks_is_the_full_masked_attention():
+    from jaxgen.families.var.model import attention_chunks, block_causal_mask
+    from jaxgen.nn.attention import clip_query_chunks, dot_product_attention
+
+    pn = (1, 2, 3, 4, 6)
+    chunks = attention_chunks(pn, min_tokens=9)
+    assert chunks == ((0, 5), (5, 14), (14, 30), (30, 66))
+    assert attention_chunks((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == ((0, 91), (91, 155), (155, 255), (255, 424),
+                                                                    (424, 680))
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 66, 2, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(block_causal_mask(pn))[None, None]
+    bias = jnp.asarray(rng.standard_normal((1, 2, 66, 66)), jnp.float32)
+
+    def attend(q, k, v, length, query_chunks):
+        return dot_product_attention(q[:, :length], k[:, :length], v[:, :length], mask[..., :length, :length],
+                                     bias[..., :length, :length], "xla", query_chunks=query_chunks)
+
+    for length in (66, 40, 5):  # the whole sequence and prefixes (progressive training)
+        cut = clip_query_chunks(chunks, length)
+        np.testing.assert_allclose(attend(q, k, v, length, cut), attend(q, k, v, length, None), atol=2e-6)
+    grads = [jax.grad(lambda *a: jnp.sum(jnp.sin(attend(*a, 66, c))), argnums=(0, 1, 2))(q, k, v)
+             for c in (chunks, None)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    with pytest.raises(ValueError, match="cover"):
+        attend(q, k, v, 66, ((0, 5), (6, 66)))
+
+
+def test_var_teacher_forcing_with_scale_chunks_matches_the_dense_mask(family, params, frozen, batch):
+    """config.model.attn_chunk_tokens: per chunk of scales (here (0, 1), (1, 5), (5, 14)) = one dense masked pass."""
+    from jaxgen.families.var.model import attention_chunks
+
+    _, x_in = family.teacher_forcing_inputs(batch, frozen)
+    assert attention_chunks(family.model.patch_nums, 4) == ((0, 1), (1, 5), (5, 14))
+    out = {n: family.model.clone(attn_chunk_tokens=n).apply({"params": params}, batch["label"], x_in) for n in (4, 0)}
+    np.testing.assert_allclose(out[4], out[0], atol=1e-5)

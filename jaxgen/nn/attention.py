@@ -7,7 +7,7 @@ Softmax always runs in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -77,10 +77,26 @@ def _normalize_last(q, k, v, mask, bias, scale, kv_layout="BSNH"):
     return jnp.transpose(out / total, (0, 2, 1, 3)).astype(q.dtype)
 
 
+def clip_query_chunks(chunks: Sequence[Tuple[int, int]], length: int) -> Tuple[Tuple[int, int], ...]:
+    """`chunks` (see `dot_product_attention`) cut to the first `length` queries (a prefix of the sequence)."""
+    return tuple((a, min(b, length)) for a, b in chunks if a < length)
+
+
+def _rows(a: Optional[jax.Array], begin: int, end: int, keys: int) -> Optional[jax.Array]:
+    """Mask / bias rows [begin, end) and key columns [0, keys) of a (.., T or 1, S or 1) array."""
+    if a is None:
+        return None
+    a = jnp.reshape(a, (1,) * (4 - a.ndim) + a.shape)
+    if a.shape[2] > 1:
+        a = a[:, :, begin:end]
+    return a[..., :keys] if a.shape[3] > 1 else a
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
                           bias: Optional[jax.Array] = None, impl: str = "auto", *, scale: Optional[float] = None,
                           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                          kv_layout: str = "BSNH") -> jax.Array:
+                          kv_layout: str = "BSNH",
+                          query_chunks: Optional[Sequence[Tuple[int, int]]] = None) -> jax.Array:
     """softmax(q k^T * scale + bias, masked) v.
 
     q: (B, T, N, H); k, v: (B, S, N, H) (S may differ from T, e.g. with a KV cache), or with kv_layout='BNSH'
@@ -89,7 +105,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     mask: bool, True = attend, broadcastable to (B, N, T, S). bias: additive, broadcastable to (B, N, T, S).
     impl: 'auto' | 'xla' | 'cudnn'. Dropout on the attention probabilities (training) always takes the explicit
     XLA path, because `jax.nn.dot_product_attention` has no dropout.
+    query_chunks: static ((begin, end), ...) covering the queries in order, for masks under which queries in
+    [begin, end) see no key at or after `end` (causal, block-causal): each chunk then attends over keys [0, end)
+    only. Same function, fewer FLOPs and smaller logits (VAR-d16's block-causal 680 x 680 at its scale boundaries:
+    63 % of the pairs). Self-attention layout (k, v BSNH, key i = query i) only.
     """
+    if query_chunks:
+        if kv_layout != "BSNH" or k.shape[1] != q.shape[1]:
+            raise ValueError("query_chunks needs self-attention: BSNH keys / values as long as the queries")
+        if query_chunks[0][0] != 0 or query_chunks[-1][1] != q.shape[1] or any(
+                b0 != a1 for (_, b0), (a1, _) in zip(query_chunks, query_chunks[1:])):
+            raise ValueError(f"query_chunks {tuple(query_chunks)} must cover queries 0..{q.shape[1]} in order")
+        outs = []
+        for i, (a, b) in enumerate(query_chunks):
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            outs.append(dot_product_attention(q[:, a:b], k[:, :b], v[:, :b], _rows(mask, a, b, b), _rows(bias, a, b, b),
+                                              impl, scale=scale, dropout_rate=dropout_rate, dropout_rng=rng))
+        return jnp.concatenate(outs, axis=1)
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     head_dim = q.shape[-1]
