@@ -1,6 +1,6 @@
 """jaxgen: MAR, VAR, RAR and MaskGIT/AutoNAT image generators in JAX/Flax.
 
-Layers, bottom to top: nn, diffusion -> tokenizers -> families -> train/data/parallel/eval -> main.
+Layers, bottom to top: kernels -> nn, diffusion -> tokenizers -> families -> train/data/parallel/eval -> main.
 Lower layers never import higher ones.
 """
 from jaxgen.utils.xla_cpu import apply_defaults as _xla_cpu_defaults

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.kernels import cpu_gemv
 from jaxgen.nn.dropout import dropout
 
 Dtype = Any
@@ -59,8 +60,12 @@ class Dense(nn.Module):
         # One 2-D matmul over all leading dims: for a (B, L, C) einsum XLA:CPU builds the kernel gradient from a
         # transposed copy of the activations (measured ~1.7x slower backward than the 2-D form).
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype),
-                    preferred_element_type=jnp.float32).reshape(lead + (self.features,))
+        x2, k = x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype)
+        if cpu_gemv.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound by reading the kernel
+            y = cpu_gemv.matmul(x2, k)
+        else:
+            y = jnp.dot(x2, k, preferred_element_type=jnp.float32)
+        y = y.reshape(lead + (self.features,))
         if self.use_bias:
             bias = self.param("bias", with_axes(self.bias_init, (self.axes[-1],)),
                               (self.features,), self.param_dtype)

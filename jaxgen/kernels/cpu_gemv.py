@@ -1,0 +1,137 @@
+"""A few rows times a weight matrix on XLA:CPU, at the speed of reading the weights (an XLA FFI kernel).
+
+Why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached decode: 4 rows,
+680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
+11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; `cpu_gemv.cc` splits the weight rows
+into one contiguous part per thread and reads them at ~22 GB/s (a chain of RAR-B-sized f32 kernels at 4 rows,
+2026-12-06). Same product up to float32 summation order.
+
+`Dense` calls `matmul` when `wanted(rows, ...)`: the CPU backend with one device, float32 operands, at most
+MAX_ROWS rows, and the kernel built. The kernel is compiled from `cpu_gemv.cc` on first use with the system C++
+compiler (jax ships the FFI headers) into a per-machine cache (`$JAXGEN_CACHE_DIR`, else ~/.cache/jaxgen); without a
+compiler, or with JAXGEN_CPU_GEMV=0, jaxgen keeps XLA's dot (one log line says why). Gradients use plain dots.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
+TARGET = "jaxgen_cpu_gemv"
+OPT_OUT = "JAXGEN_CPU_GEMV"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool once decided, "why": reason when not
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def cache_dir() -> str:
+    root = os.environ.get("JAXGEN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxgen")
+    return os.path.join(root, "kernels")
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library_path(compiler: str) -> str:
+    """Where the build for this source, jaxlib, compiler and CPU lives (built with -march=native, so per CPU)."""
+    import jaxlib
+
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode() + _cpu_flags().encode())
+    return os.path.join(cache_dir(), f"cpu_gemv_{key.hexdigest()[:16]}.so")
+
+
+def build(compiler: str) -> str:
+    """Compile cpu_gemv.cc once per machine (atomic rename: concurrent processes never load a half-written file)."""
+    path = library_path(compiler)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
+           f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _register() -> None:
+    if os.environ.get(OPT_OUT, "") == "0":
+        raise RuntimeError(f"{OPT_OUT}=0")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ / g++ / clang++ or $CXX) on PATH")
+    lib = ctypes.cdll.LoadLibrary(build(compiler))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxgenCpuGemv), platform="cpu")
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (decided once per process; never raises)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _register()
+                _state["ok"] = True
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                lines = str(getattr(e, "stderr", "") or e).strip().splitlines()
+                why = next((line for line in lines if "error" in line), lines[-1] if lines else type(e).__name__)
+                _state.update(ok=False, why=why)
+                logging.info("jaxgen: XLA's dot for few-row matmuls on CPU (%s)", why)
+        return _state["ok"]
+
+
+def wanted(rows: int, x_dtype, w_dtype) -> bool:
+    """Whether a (rows, K) x (K, N) product should use the kernel (decided at trace time)."""
+    return (rows <= MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(w_dtype) == jnp.float32
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (M, K) @ w (K, N) -> (M, N) float32 through the kernel (call only where `wanted`)."""
+    if not available():
+        raise RuntimeError(f"the CPU GEMV kernel is not available: {_state['why']}")
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
+
+
+def _fwd(x, w):
+    return matmul(x, w), (x, w)
+
+
+def _bwd(saved, g):
+    x, w = saved
+    return jnp.dot(g, w.T), jnp.dot(x.T, g)
+
+
+matmul.defvjp(_fwd, _bwd)
