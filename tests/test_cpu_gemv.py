@@ -97,3 +97,16 @@ def test_under_a_one_device_mesh():
         out = jax.jit(lambda p, x: layer.apply(p, x))(params, jnp.ones((2, 4)))
     np.testing.assert_allclose(out, jnp.ones((2, 4)) @ params["params"]["kernel"] + params["params"]["bias"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_builds_into_an_empty_cache(tmp_path, monkeypatch):
+    """What a fresh machine does on first use: compile cpu_gemv.cc into the cache (then reuse the file)."""
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", str(tmp_path))
+    compiler = cpu_gemv._compiler()
+    assert compiler is not None
+    path = cpu_gemv.build(compiler)
+    built = tmp_path / "kernels" / path.rsplit("/", 1)[-1]
+    assert path == str(built) and path.endswith(".so")
+    stamp = built.stat().st_mtime_ns
+    assert cpu_gemv.build(compiler) == path and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
