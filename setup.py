@@ -7,7 +7,7 @@ setup(
     description="MAR, VAR, RAR and MaskGIT/AutoNAT in JAX/Flax: train from a laptop to a pod, load official weights.",
     python_requires=">=3.11",
     packages=find_packages(include=["jaxgen", "jaxgen.*", "configs"]),  # configs ship too: notebooks load them by name
-    package_data={"jaxgen.kernels": ["*.cc"]},  # compiled on first use (jaxgen/kernels/cpu_gemv.py)
+    package_data={"jaxgen.kernels": ["*.cc"]},  # compiled on first use (jaxgen/kernels/cpu.py)
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.kernels import cpu as cpu_kernels
 from jaxgen.nn.dropout import Dropout, dropout
 from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain
 
@@ -243,12 +244,19 @@ class Attention(nn.Module):
             if cache_index is None:
                 raise ValueError("Attention with a KV cache needs cache_index (the slot of the first new token)")
             cache = cache.write(k, v, cache_index)
-            allowed = cache.causal_mask(cache_index, t)
-            if mask is not None:
-                allowed = jnp.logical_and(allowed, mask)
-            # the cache layout only has the explicit path: 'cudnn' (a training choice) must not break decoding
-            out = dot_product_attention(q, cache.k, cache.v, mask=allowed, bias=bias,
-                                        impl="xla" if self.impl == "cudnn" else self.impl, kv_layout="BNSH", **drop)
+            if (t == 1 and mask is None and bias is None and not use_drop
+                    and cpu_kernels.wanted_decode_attention(q.dtype, cache.k.dtype, cache.v.dtype)):
+                # one token per step: read only the slots written so far (0 .. cache_index)
+                out = cpu_kernels.decode_attention(q, cache.k, cache.v, jnp.asarray(cache_index, jnp.int32) + 1,
+                                                   head_dim ** -0.5).astype(q.dtype)
+            else:
+                allowed = cache.causal_mask(cache_index, t)
+                if mask is not None:
+                    allowed = jnp.logical_and(allowed, mask)
+                # the cache layout only has the explicit path: 'cudnn' (a training choice) must not break decoding
+                out = dot_product_attention(q, cache.k, cache.v, mask=allowed, bias=bias,
+                                            impl="xla" if self.impl == "cudnn" else self.impl, kv_layout="BNSH",
+                                            **drop)
         out = constrain(out.reshape(b, t, self.dim), ("batch", "length", "heads"))
         out = Dense(self.dim, axes=("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                     name="proj")(out)

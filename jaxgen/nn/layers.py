@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.kernels import cpu_gemv
+from jaxgen.kernels import cpu as cpu_kernels
 from jaxgen.nn.dropout import dropout
 
 Dtype = Any
@@ -61,8 +61,8 @@ class Dense(nn.Module):
         # transposed copy of the activations (measured ~1.7x slower backward than the 2-D form).
         lead = x.shape[:-1]
         x2, k = x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype)
-        if cpu_gemv.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound by reading the kernel
-            y = cpu_gemv.matmul(x2, k)
+        if cpu_kernels.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound by reading the kernel
+            y = cpu_kernels.matmul(x2, k)
         else:
             y = jnp.dot(x2, k, preferred_element_type=jnp.float32)
         y = y.reshape(lead + (self.features,))

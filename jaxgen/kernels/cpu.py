@@ -1,15 +1,21 @@
-"""A few rows times a weight matrix on XLA:CPU, at the speed of reading the weights (an XLA FFI kernel).
+"""jaxgen's XLA:CPU kernels for decode steps (XLA FFI, `cpu.cc`): few-row matmuls and one-query KV-cache attention,
+both at the speed of reading their operands.
 
-Why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached decode: 4 rows,
+`matmul` -- why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached decode: 4 rows,
 680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
-11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; `cpu_gemv.cc` splits the weight rows
+11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; the kernel splits the weight rows
 into one contiguous part per thread and reads them at ~22 GB/s (a chain of RAR-B-sized f32 kernels at 4 rows,
 2026-12-06). Same product up to float32 summation order.
 
 `Dense` calls `matmul` when `wanted(rows, ...)`: the CPU backend with one device, float32 operands, at most
-MAX_ROWS rows, and the kernel built. The kernel is compiled from `cpu_gemv.cc` on first use with the system C++
+MAX_ROWS rows, and the kernels built. They are compiled from `cpu.cc` on first use with the system C++
 compiler (jax ships the FFI headers) into a per-machine cache (`$JAXGEN_CACHE_DIR`, else ~/.cache/jaxgen); without a
-compiler, or with JAXGEN_CPU_GEMV=0, jaxgen keeps XLA's dot (one log line says why). Gradients use plain dots.
+compiler, or with JAXGEN_CPU_KERNELS=0, jaxgen keeps XLA's ops (one log line says why). Gradients use plain dots.
+
+`decode_attention` -- a decode step's attention (one query per sequence and head) over a fixed-size KV cache of which
+only the first `length` slots are written: XLA attends over every slot with a mask, reading the whole cache; the
+kernel reads the written slots only, one (batch, head) pair after another on each thread (`Attention` uses it for
+T = 1 with no extra mask, bias or dropout, under the same conditions as `matmul`).
 """
 from __future__ import annotations
 
@@ -26,11 +32,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
-TARGET = "jaxgen_cpu_gemv"
-OPT_OUT = "JAXGEN_CPU_GEMV"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.cc")
+TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention"}
+GEMV, DECODE_ATTENTION = TARGETS
+OPT_OUT = "JAXGEN_CPU_KERNELS"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once decided, "why": reason when not
@@ -63,11 +71,11 @@ def library_path(compiler: str) -> str:
 
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode() + _cpu_flags().encode())
-    return os.path.join(cache_dir(), f"cpu_gemv_{key.hexdigest()[:16]}.so")
+    return os.path.join(cache_dir(), f"cpu_{key.hexdigest()[:16]}.so")
 
 
 def build(compiler: str) -> str:
-    """Compile cpu_gemv.cc once per machine (atomic rename: concurrent processes never load a half-written file)."""
+    """Compile cpu.cc once per machine (atomic rename: concurrent processes never load a half-written file)."""
     path = library_path(compiler)
     if os.path.exists(path):
         return path
@@ -92,11 +100,12 @@ def _register() -> None:
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++ / g++ / clang++ or $CXX) on PATH")
     lib = ctypes.cdll.LoadLibrary(build(compiler))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxgenCpuGemv), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered (decided once per process; never raises)."""
+    """Whether the kernels are built and registered (decided once per process; never raises)."""
     with _lock:
         if "ok" not in _state:
             try:
@@ -106,23 +115,45 @@ def available() -> bool:
                 lines = str(getattr(e, "stderr", "") or e).strip().splitlines()
                 why = next((line for line in lines if "error" in line), lines[-1] if lines else type(e).__name__)
                 _state.update(ok=False, why=why)
-                logging.info("jaxgen: XLA's dot for few-row matmuls on CPU (%s)", why)
+                logging.info("jaxgen: no CPU decode kernels, XLA's ops instead (%s)", why)
         return _state["ok"]
 
 
+def _cpu_f32(*dtypes) -> bool:
+    return (all(jnp.dtype(d) == jnp.float32 for d in dtypes) and jax.default_backend() == "cpu"
+            and jax.device_count() == 1)
+
+
 def wanted(rows: int, x_dtype, w_dtype) -> bool:
-    """Whether a (rows, K) x (K, N) product should use the kernel (decided at trace time)."""
-    return (rows <= MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(w_dtype) == jnp.float32
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+    """Whether a (rows, K) x (K, N) product should use `matmul` (decided at trace time)."""
+    return rows <= MAX_ROWS and _cpu_f32(x_dtype, w_dtype) and available()
+
+
+def wanted_decode_attention(q_dtype, k_dtype, v_dtype) -> bool:
+    """Whether a one-query step over a KV cache should use `decode_attention` (decided at trace time)."""
+    return _cpu_f32(q_dtype, k_dtype, v_dtype) and available()
+
+
+def _require():
+    if not available():
+        raise RuntimeError(f"the CPU decode kernels are not available: {_state['why']}")
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, length, scale: float) -> jax.Array:
+    """softmax(q k[:, :, :length]^T * scale) v[:, :, :length]: q (B, 1, N, H), k, v (B, N, S, H) (`KVCache`),
+    length a traced int (1 <= length <= S) -> (B, 1, N, H) float32. Call only where `wanted_decode_attention`."""
+    _require()
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(DECODE_ATTENTION, out, vmap_method="sequential")(
+        q, k, v, jnp.asarray(length, jnp.int32), scale=np.float32(scale))
 
 
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (M, K) @ w (K, N) -> (M, N) float32 through the kernel (call only where `wanted`)."""
-    if not available():
-        raise RuntimeError(f"the CPU GEMV kernel is not available: {_state['why']}")
+    _require()
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
+    return jax.ffi.ffi_call(GEMV, out, vmap_method="sequential")(x, w)
 
 
 def _fwd(x, w):

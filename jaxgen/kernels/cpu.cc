@@ -1,4 +1,6 @@
-// y (M, N) = x (M, K) @ w (K, N), float32, for a few rows M: an XLA:CPU FFI kernel (see cpu_gemv.py for why).
+// jaxgen's XLA:CPU FFI kernels for decode steps (see cpu.py for why), float32:
+//   JaxgenCpuGemv: y (M, N) = x (M, K) @ w (K, N) for a few rows M.
+//   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
 //
 // At a few rows a matmul is bound by reading w once. The kernel reads w as one sequential stream per thread: the
 // K rows of w are split into contiguous parts (one per thread), each part accumulated into its own (M, N) partial
@@ -6,6 +8,8 @@
 // Work sharing never blocks on an idle pool: the calling thread claims parts itself until none are left and only
 // waits for parts another thread has already started.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -86,6 +90,26 @@ struct Shared {
   std::atomic<int> done{0};
 };
 
+// Runs part(p) for p in [0, parts) on the calling thread and the pool: the caller claims parts itself until none
+// are left and then only waits for parts another thread already started, so an idle or busy pool never blocks it.
+template <typename Part>
+void RunParts(ffi::ThreadPool& pool, int parts, Part part) {
+  if (parts <= 1) {
+    part(0);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  auto run = [shared, parts, part]() {
+    for (int p; (p = shared->next.fetch_add(1)) < parts;) {
+      part(p);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int t = 1; t < parts; ++t) pool.Schedule(std::function<void()>(run));
+  run();
+  while (shared->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                 ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
@@ -101,28 +125,69 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   // one part per thread, each at least 64 rows of w (below that the hand-off costs more than it saves)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, k / 64)));
-  if (parts == 1) {
-    PartialRows(rows, xp, k, wp, n, 0, k, yp, n);
-    return ffi::Error::Success();
-  }
-  // part 0 writes y, part p > 0 its own slice of `partials`
+  // part 0 writes y, part p > 0 its own slice of `partials` (kept alive by the tasks that may start late)
   auto partials = std::make_shared<std::vector<float>>(static_cast<size_t>(parts - 1) * rows * n);
-  auto shared = std::make_shared<Shared>();
-  auto run_parts = [=]() {
-    for (int p; (p = shared->next.fetch_add(1)) < parts;) {
-      const int64_t k0 = k * p / parts, k1 = k * (p + 1) / parts;
-      float* out = p == 0 ? yp : partials->data() + static_cast<size_t>(p - 1) * rows * n;
-      PartialRows(rows, xp, k, wp, n, k0, k1, out, n);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int t = 1; t < parts; ++t) pool.Schedule(std::function<void()>(run_parts));
-  run_parts();
-  while (shared->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  RunParts(pool, parts, [=](int p) {
+    const int64_t k0 = k * p / parts, k1 = k * (p + 1) / parts;
+    float* out = p == 0 ? yp : partials->data() + static_cast<size_t>(p - 1) * rows * n;
+    PartialRows(rows, xp, k, wp, n, k0, k1, out, n);
+  });
   for (int p = 1; p < parts; ++p) {
     const float* src = partials->data() + static_cast<size_t>(p - 1) * rows * n;
     for (int64_t i = 0; i < rows * n; ++i) yp[i] += src[i];
   }
+  return ffi::Error::Success();
+}
+
+// out (B, 1, N, H) = softmax(q k[:, :, :length]^T * scale) v[:, :, :length] per (batch, head); q (B, 1, N, H),
+// k, v (B, N, S, H) (jaxgen's KVCache layout). Slots at or after `length` are never read: the same result as
+// attending over all S slots with them masked out (they get exactly zero weight there), for less memory read.
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out,
+                           float scale) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || qd[1] != 1 || qd[0] != kd[0] || qd[2] != kd[1] ||
+      qd[3] != kd[3] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3]) {
+    return ffi::Error::InvalidArgument("jaxgen_cpu_decode_attention: q (B, 1, N, H), k = v (B, N, S, H) expected");
+  }
+  const int64_t pairs = kd[0] * kd[1], slots = kd[2], h = kd[3];
+  const int64_t len = std::max<int64_t>(1, std::min<int64_t>(slots, length.typed_data()[0]));
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  float* op = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int parts = static_cast<int>(std::min<int64_t>(threads, pairs));
+  RunParts(pool, parts, [=](int p) {
+    std::vector<float> weights(len);
+    for (int64_t i = pairs * p / parts; i < pairs * (p + 1) / parts; ++i) {
+      const float* qi = qp + i * h;  // (B, 1, N, H): pair i = b * N + n
+      const float* ki = kp + i * slots * h;
+      const float* vi = vp + i * slots * h;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < len; ++s) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < h; ++d) dot += qi[d] * ki[s * h + d];
+        weights[s] = dot * scale;
+        top = std::max(top, weights[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < len; ++s) {
+        weights[s] = std::exp(weights[s] - top);
+        total += weights[s];
+      }
+      float* oi = op + i * h;
+      for (int64_t d = 0; d < h; ++d) oi[d] = 0.f;
+      for (int64_t s = 0; s < len; ++s) {
+        const float w = weights[s];
+        for (int64_t d = 0; d < h; ++d) oi[d] += w * vi[s * h + d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < h; ++d) oi[d] *= inv;
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -134,3 +199,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGemv, Gemv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

@@ -1,0 +1,152 @@
+"""jaxgen's CPU decode kernels (jaxgen/kernels/cpu.cc): built on this machine; the few-row matmul against a float64
+reference for every row count and ragged sizes, its gradients and the Dense dispatch; the KV-cache decode attention
+against the masked full-cache attention and the Attention dispatch; the fallback without kernels."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.kernels import cpu as cpu_kernels
+from jaxgen.nn.layers import Dense
+
+
+def test_kernel_builds_here():
+    # CI's machine has a C++ compiler: the kernel must be what Dense uses there, not a silent fallback
+    assert cpu_kernels.available(), cpu_kernels._state.get("why")
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 5, 3), (2, 64, 16), (3, 130, 70), (4, 768, 256), (5, 200, 1000),
+                                      (8, 257, 129), (9, 100, 33), (16, 64, 48)])
+def test_product_matches_float64(rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.matmul)(x, w))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_gradients_are_the_plain_matmul_ones():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 40)), jnp.float32)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    got = jax.grad(loss(cpu_kernels.matmul), argnums=(0, 1))(x, w)
+    ref = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_uses_the_kernel_for_few_float32_rows_only():
+    layer = Dense(24, axes=("embed", "mlp"))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 16))))
+
+    def lowered(rows, dtype=jnp.float32):
+        fn = jax.jit(lambda p, x: layer.apply(p, x))
+        return fn.lower(params, jnp.ones((rows, 16), dtype)).as_text()
+
+    assert cpu_kernels.GEMV in lowered(1) and cpu_kernels.GEMV in lowered(cpu_kernels.MAX_ROWS)
+    assert cpu_kernels.GEMV not in lowered(cpu_kernels.MAX_ROWS + 1)
+    bf16 = Dense(24, axes=("embed", "mlp"), dtype=jnp.bfloat16)
+    text = jax.jit(lambda p, x: bf16.apply(p, x)).lower(params, jnp.ones((2, 16))).as_text()
+    assert cpu_kernels.GEMV not in text
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 16))  # leading dims flattened to 6 rows
+    np.testing.assert_allclose(layer.apply(params, x), x @ params["params"]["kernel"] + params["params"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_kernel_dense_keeps_xlas_dot(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {"ok": False, "why": "test"})
+    assert not cpu_kernels.wanted(2, jnp.float32, jnp.float32)
+    layer = Dense(8, axes=("embed", "mlp"))
+    params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+    text = jax.jit(lambda p, x: layer.apply(p, x)).lower(params, jnp.ones((2, 4))).as_text()
+    assert cpu_kernels.GEMV not in text
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.matmul(jnp.ones((2, 4)), jnp.ones((4, 8)))
+
+
+def test_opt_out_and_a_missing_compiler_fall_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.OPT_OUT, "0")
+    assert not cpu_kernels.available() and "JAXGEN_CPU_KERNELS=0" in cpu_kernels._state["why"]
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.delenv(cpu_kernels.OPT_OUT)
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    assert not cpu_kernels.available() and "compiler" in cpu_kernels._state["why"]
+
+
+def test_vmap_over_the_kernel():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 2, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((32, 20)), jnp.float32)
+    got = jax.vmap(cpu_kernels.matmul, in_axes=(0, None))(x, w)
+    np.testing.assert_allclose(got, jnp.einsum("bmk,kn->bmn", x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_under_a_one_device_mesh():
+    from jax.sharding import Mesh
+
+    layer = Dense(8, axes=("embed", "mlp"))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4))))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("embed", None), ("mlp", None))):
+        out = jax.jit(lambda p, x: layer.apply(p, x))(params, jnp.ones((2, 4)))
+    np.testing.assert_allclose(out, jnp.ones((2, 4)) @ params["params"]["kernel"] + params["params"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_builds_into_an_empty_cache(tmp_path, monkeypatch):
+    """What a fresh machine does on first use: compile cpu.cc into the cache (then reuse the file)."""
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", str(tmp_path))
+    compiler = cpu_kernels._compiler()
+    assert compiler is not None
+    path = cpu_kernels.build(compiler)
+    built = tmp_path / "kernels" / path.rsplit("/", 1)[-1]
+    assert path == str(built) and path.endswith(".so")
+    stamp = built.stat().st_mtime_ns
+    assert cpu_kernels.build(compiler) == path and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("length", [1, 7, 20])
+def test_decode_attention_is_the_masked_full_cache_attention(length):
+    from jaxgen.nn.attention import dot_product_attention
+
+    rng = np.random.default_rng(length)
+    b, n, s, h = 2, 3, 20, 24
+    q = jnp.asarray(rng.standard_normal((b, 1, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, n, s, h)), jnp.float32) for _ in range(2))
+    got = jax.jit(lambda q, k, v, n: cpu_kernels.decode_attention(q, k, v, n, h ** -0.5))(q, k, v, length)
+    ref = dot_product_attention(q, k, v, mask=(jnp.arange(s) < length)[None, None, None], kv_layout="BNSH")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_decode_steps_use_the_kernel_and_match_xla(monkeypatch):
+    from jaxgen.nn.attention import Attention, KVCache
+
+    attn = Attention(32, 4)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 32))
+    params = nn.meta.unbox(attn.init(jax.random.PRNGKey(1), x[:, :1]))
+
+    def decode(p, x):  # prefill 3 tokens, then 3 one-token steps
+        cache = KVCache.zeros(2, 4, 8, 8)
+        out, cache = attn.apply(p, x[:, :3], cache=cache, cache_index=0)
+        outs = [out]
+        for i in range(3, 6):
+            out, cache = attn.apply(p, x[:, i:i + 1], cache=cache, cache_index=i)
+            outs.append(out)
+        return jnp.concatenate(outs, axis=1)
+
+    assert cpu_kernels.DECODE_ATTENTION in jax.jit(decode).lower(params, x).as_text()
+    with_kernel = jax.jit(decode)(params, x)
+    monkeypatch.setattr(cpu_kernels, "_state", {"ok": False, "why": "test"})
+    fallback = jax.jit(lambda p, x: decode(p, x))  # a new function: traced again
+    assert cpu_kernels.DECODE_ATTENTION not in fallback.lower(params, x).as_text()
+    np.testing.assert_allclose(with_kernel, fallback(params, x), rtol=1e-5, atol=1e-5)
+    full = attn.apply(params, x, mask=jnp.tril(jnp.ones((6, 6), bool)))  # the same causal attention in one pass
+    np.testing.assert_allclose(with_kernel, full, rtol=1e-5, atol=1e-5)
