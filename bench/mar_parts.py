@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHOR_DIR = os.path.join(os.path.dirname(REPO), "shared", "anchor_bench")
@@ -71,6 +70,7 @@ def jaxgen_parts(rows_list, reps):
     from jaxgen.diffusion.gaussian import create_diffusion
     from jaxgen.families.mar.model import MAR, embedded_denoiser, head_step_params, init_params
     from jaxgen.nn import kernel_layout
+    from timing import best_of
 
     model = MAR(encoder_embed_dim=768, decoder_embed_dim=768, encoder_depth=12, decoder_depth=12,
                 encoder_num_heads=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024)
@@ -79,15 +79,6 @@ def jaxgen_parts(rows_list, reps):
     params = jax.tree.unflatten(tree, [0.02 * jax.random.normal(jax.random.PRNGKey(i), a.shape)
                                        for i, a in enumerate(leaves)])
     diffusion = create_diffusion("100", "cosine")
-
-    def best_of(fn, *args):
-        jax.block_until_ready(fn(*args))
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best = min(best, time.perf_counter() - t0)
-        return best
 
     def head(p, z, rng):  # as the sampler runs it: condition and timesteps embedded once per call
         step_params = head_step_params(p) if kernel_layout.wanted(z.shape[0]) else None  # as the sampler picks
@@ -98,11 +89,11 @@ def jaxgen_parts(rows_list, reps):
     head_fn = jax.jit(head)
     for rows in rows_list:
         z = jax.random.normal(jax.random.PRNGKey(1), (rows, 768))
-        out[f"head_{rows}"] = best_of(head_fn, params, z, jax.random.PRNGKey(2)) / 100
+        out[f"head_{rows}"] = best_of(head_fn, (params, z, jax.random.PRNGKey(2)), reps) / 100
     mask = (jax.random.uniform(jax.random.PRNGKey(3), (4, 256)) < 0.5).astype(jnp.float32)
     x = jax.random.normal(jax.random.PRNGKey(4), (4, 320, 768))
     decoder = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, False, method=MAR.forward_mae_decoder))
-    out["decoder"] = best_of(decoder, params, x, mask)
+    out["decoder"] = best_of(decoder, (params, x, mask), reps)
     return out
 
 
