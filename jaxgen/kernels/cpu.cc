@@ -3,17 +3,17 @@
 //   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
 //
 // At a few rows a matmul is bound by reading w once. The kernel reads w as one sequential stream per thread: the
-// K rows of w are split into contiguous parts (one per thread), each part accumulated into its own (M, N) partial
-// result with the M x 64 accumulators of a column block in registers, and the partials summed at the end.
+// K rows of w are split into contiguous parts (one per thread), each part read row after row into its own (M, N)
+// partial result (kept in L1 / L2), and the partials summed at the end.
 // Work sharing never blocks on an idle pool: the calling thread claims parts itself until none are left and only
 // waits for parts another thread has already started.
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>

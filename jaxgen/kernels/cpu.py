@@ -1,8 +1,8 @@
 """jaxgen's XLA:CPU kernels for decode steps (XLA FFI, `cpu.cc`): few-row matmuls and one-query KV-cache attention,
 both at the speed of reading their operands.
 
-`matmul` -- why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached decode: 4 rows,
-680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
+`matmul` -- why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached
+decode: 4 rows, 680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
 11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; the kernel splits the weight rows
 into one contiguous part per thread and reads them at ~22 GB/s (a chain of RAR-B-sized f32 kernels at 4 rows,
 2026-12-06). Same product up to float32 summation order.

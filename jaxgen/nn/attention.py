@@ -248,7 +248,7 @@ class Attention(nn.Module):
                     and cpu_kernels.wanted_decode_attention(q.dtype, cache.k.dtype, cache.v.dtype)):
                 # one token per step: read only the slots written so far (0 .. cache_index)
                 out = cpu_kernels.decode_attention(q, cache.k, cache.v, jnp.asarray(cache_index, jnp.int32) + 1,
-                                                   head_dim ** -0.5).astype(q.dtype)
+                                                   head_dim ** -0.5)
             else:
                 allowed = cache.causal_mask(cache_index, t)
                 if mask is not None:
