@@ -1,6 +1,8 @@
-"""jaxgen's CPU decode kernels (jaxgen/kernels/cpu.cc): built on this machine; the few-row matmul against a float64
+"""jaxgen's CPU kernels (jaxgen/kernels/cpu.cc): built on this machine; the few-row matmul against a float64
 reference for every row count and ragged sizes, its gradients and the Dense dispatch; the KV-cache decode attention
-against the masked full-cache attention and the Attention dispatch; the fallback without kernels."""
+against the masked full-cache attention and the Attention dispatch; the many-query attention (key masks, ragged
+sizes, gradients through the XLA formulation); the BLAS matmul (transposes, gradients, Dense dispatch); the fallback
+without kernels."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -151,3 +153,81 @@ def test_attention_decode_steps_use_the_kernel_and_match_xla(monkeypatch):
     np.testing.assert_allclose(with_kernel, fallback(params, x), rtol=1e-5, atol=1e-5)
     full = attn.apply(params, x, mask=jnp.tril(jnp.ones((6, 6), bool)))  # the same causal attention in one pass
     np.testing.assert_allclose(with_kernel, full, rtol=1e-5, atol=1e-5)
+
+
+def _attention64(q, k, v, keep, scale):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    logits = np.where(np.asarray(keep)[:, None, None, :], logits, np.finfo(np.float32).min)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnh->btnh", w / w.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("b,t,s,n,h", [(1, 1, 1, 1, 8), (2, 7, 13, 3, 40), (2, 13, 33, 2, 64), (1, 25, 70, 4, 72)])
+def test_attention_kernel_matches_float64(b, t, s, n, h):
+    rng = np.random.default_rng(t * 100 + s)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, n, h), (b, s, n, h),
+                                                                                  (b, s, n, h)))
+    keep = rng.random((b, s)) > 0.3
+    keep[0] = False  # a fully masked row: uniform over the real keys (padding keys never count)
+    got = jax.jit(lambda q, k, v, m: cpu_kernels.attention(q, k, v, m, 0.3))(q, k, v, keep)
+    np.testing.assert_allclose(got, _attention64(q, k, v, keep, 0.3), rtol=1e-5, atol=2e-6)
+
+
+def test_dot_product_attention_dispatch_and_gradients():
+    from jaxgen.nn.attention import _normalize_last, dot_product_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 3, 16)), jnp.float32) for _ in range(3))
+    key_mask = jnp.asarray(rng.random((2, 1, 1, 9)) > 0.4)
+    lowered = lambda mask: jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask)).lower(q, k, v).as_text()
+    assert cpu_kernels.ATTENTION in lowered(None) and cpu_kernels.ATTENTION in lowered(key_mask)
+    causal = jnp.tril(jnp.ones((9, 9), bool))[None, None]
+    assert cpu_kernels.ATTENTION not in lowered(causal)  # masks over queries keep XLA's path
+    for mask in (None, key_mask):
+        got = dot_product_attention(q, k, v, mask)
+        np.testing.assert_allclose(got, _normalize_last(q, k, v, mask, None, 0.25), rtol=1e-5, atol=1e-6)
+
+        def loss(fn):
+            return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+        grads = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+        ref = jax.grad(loss(lambda q, k, v: _normalize_last(q, k, v, mask, None, 0.25)), (0, 1, 2))(q, k, v)
+        for a, b in zip(grads, ref):  # differentiated through the XLA formulation: the same gradients exactly
+            np.testing.assert_array_equal(a, b)
+
+
+def test_blas_is_numpys_openblas_here():
+    assert cpu_kernels.available() and cpu_kernels._state.get("blas"), cpu_kernels._state.get("blas_why")
+
+
+@pytest.mark.parametrize("m,k,n", [(24, 5, 3), (37, 50, 70), (130, 64, 16), (64, 300, 200)])
+def test_blas_gemm_and_its_gradients_match_float64(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    np.testing.assert_allclose(jax.jit(cpu_kernels.gemm)(x, w), x64 @ w64, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+    g = rng.standard_normal((m, n)).astype(np.float32)
+    _, pullback = jax.vjp(cpu_kernels.gemm, x, w)
+    gx, gw = pullback(jnp.asarray(g))
+    np.testing.assert_allclose(gx, g.astype(np.float64) @ w64.T, rtol=1e-5, atol=1e-4 * np.sqrt(n))
+    np.testing.assert_allclose(gw, x64.T @ g.astype(np.float64), rtol=1e-5, atol=1e-4 * np.sqrt(m))
+
+
+def test_dense_uses_blas_from_blas_min_rows():
+    layer = Dense(24, axes=("embed", "mlp"))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 16))))
+
+    def lowered(rows):
+        return jax.jit(lambda p, x: layer.apply(p, x)).lower(params, jnp.ones((rows, 16))).as_text()
+
+    assert cpu_kernels.BLAS_GEMM in lowered(cpu_kernels.BLAS_MIN_ROWS)
+    assert cpu_kernels.BLAS_GEMM not in lowered(cpu_kernels.BLAS_MIN_ROWS - 1)
+
+
+def test_blas_opt_out(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.BLAS_OPT_OUT, "0")
+    assert cpu_kernels.available() and not cpu_kernels.wanted_gemm(64, jnp.float32, jnp.float32)
+    assert "JAXGEN_CPU_BLAS=0" in cpu_kernels._state["blas_why"]

@@ -35,8 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
-TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention"}
-GEMV, DECODE_ATTENTION = TARGETS
+TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
+           "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm"}
+GEMV, DECODE_ATTENTION, ATTENTION, BLAS_GEMM = TARGETS
+BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
+BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
+# CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
+BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_threads_local",))
 OPT_OUT = "JAXGEN_CPU_KERNELS"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 
@@ -82,7 +87,7 @@ def build(compiler: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
+    cmd = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread",
            f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
@@ -91,6 +96,38 @@ def build(compiler: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _numpy_openblas() -> str:
+    """Path of the OpenBLAS that numpy's wheel bundles (numpy.libs/libscipy_openblas64_*), or ''."""
+    import glob
+
+    site = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+    for pattern in ("numpy.libs/libscipy_openblas64_*.so*", "scipy_openblas64/lib/libscipy_openblas64_*.so*"):
+        found = sorted(glob.glob(os.path.join(site, pattern)))
+        if found:
+            return found[0]
+    return ""
+
+
+def _register_blas(lib) -> None:
+    """Hand numpy's OpenBLAS sgemm to the kernels (state 'blas'); a log line says why not where it cannot."""
+    why = ""
+    if os.environ.get(BLAS_OPT_OUT, "") == "0":
+        why = f"{BLAS_OPT_OUT}=0"
+    elif not (path := _numpy_openblas()):
+        why = "numpy bundles no OpenBLAS here"
+    else:
+        blas = ctypes.CDLL(path)
+        found = [next((getattr(blas, n) for n in names if hasattr(blas, n)), None) for names in BLAS_SYMBOLS]
+        if None in found:
+            why = f"{os.path.basename(path)} lacks {BLAS_SYMBOLS[found.index(None)][0]}"
+        else:
+            lib.JaxgenSetBlas(ctypes.cast(found[0], ctypes.c_void_p), ctypes.cast(found[1], ctypes.c_void_p))
+            _state["blas"] = True
+            return
+    _state.update(blas=False, blas_why=why)
+    logging.info("jaxgen: no BLAS for large CPU matmuls, XLA's dots instead (%s)", why)
 
 
 def _register() -> None:
@@ -102,6 +139,7 @@ def _register() -> None:
     lib = ctypes.cdll.LoadLibrary(build(compiler))
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    _register_blas(lib)
 
 
 def available() -> bool:
@@ -134,6 +172,16 @@ def wanted_decode_attention(q_dtype, k_dtype, v_dtype) -> bool:
     return _cpu_f32(q_dtype, k_dtype, v_dtype) and available()
 
 
+def wanted_gemm(rows: int, x_dtype, w_dtype) -> bool:
+    """Whether a (rows, K) x (K, N) product should use `gemm` (BLAS; decided at trace time)."""
+    return rows >= BLAS_MIN_ROWS and _cpu_f32(x_dtype, w_dtype) and available() and _state.get("blas", False)
+
+
+def wanted_attention(q_dtype, k_dtype, v_dtype) -> bool:
+    """Whether a many-query attention with at most a per-key mask should use `attention` (decided at trace time)."""
+    return _cpu_f32(q_dtype, k_dtype, v_dtype) and available()
+
+
 def _require():
     if not available():
         raise RuntimeError(f"the CPU decode kernels are not available: {_state['why']}")
@@ -148,12 +196,48 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, length, scale: fl
         q, k, v, jnp.asarray(length, jnp.int32), scale=np.float32(scale))
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v per (batch, head): q (B, T, N, H), k, v (B, S, N, H), keep (B, S) (False: no key;
+    masked logits at the lowest finite float, as `jaxgen.nn.attention`) -> (B, T, N, H) float32. Call only where
+    `wanted_attention`; no gradient of its own (`jaxgen.nn.attention` differentiates the XLA formulation)."""
+    _require()
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(
+        q, k, v, jnp.asarray(keep, jnp.float32), scale=np.float32(scale))
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (M, K) @ w (K, N) -> (M, N) float32 through the kernel (call only where `wanted`)."""
     _require()
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(GEMV, out, vmap_method="sequential")(x, w)
+
+
+def _blas(x, w, transpose_x=False, transpose_w=False):
+    m = x.shape[1] if transpose_x else x.shape[0]
+    n = w.shape[0] if transpose_w else w.shape[1]
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    return jax.ffi.ffi_call(BLAS_GEMM, out, vmap_method="sequential")(
+        x, w, transpose_x=transpose_x, transpose_w=transpose_w)
+
+
+@jax.custom_vjp
+def gemm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (M, K) @ w (K, N) -> (M, N) float32 through BLAS (call only where `wanted_gemm`); its gradients too."""
+    return _blas(x, w)
+
+
+def _gemm_fwd(x, w):
+    return _blas(x, w), (x, w)
+
+
+def _gemm_bwd(saved, g):
+    x, w = saved
+    return _blas(g, w, transpose_w=True), _blas(x, g, transpose_x=True)
+
+
+gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 
 def _fwd(x, w):
