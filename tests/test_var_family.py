@@ -237,9 +237,9 @@ def test_block_causal_attention_by_scale_chunks_is_the_full_masked_attention():
 
     pn = (1, 2, 3, 4, 6)
     chunks = attention_chunks(pn, min_tokens=9)
-    assert chunks == ((0, 5), (5, 14), (14, 30), (30, 66))
-    assert attention_chunks((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == ((0, 91), (91, 155), (155, 255), (255, 424),
-                                                                    (424, 680))
+    assert chunks == ((0, 5, False), (5, 14, True), (14, 30, True), (30, 66, True))
+    assert attention_chunks((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == (
+        (0, 91, False), (91, 155, True), (155, 255, True), (255, 424, True), (424, 680, True))
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 66, 2, 8)), jnp.float32) for _ in range(3))
     mask = jnp.asarray(block_causal_mask(pn))[None, None]
@@ -252,6 +252,11 @@ def test_block_causal_attention_by_scale_chunks_is_the_full_masked_attention():
     for length in (66, 40, 5):  # the whole sequence and prefixes (progressive training)
         cut = clip_query_chunks(chunks, length)
         np.testing.assert_allclose(attend(q, k, v, length, cut), attend(q, k, v, length, None), atol=2e-6)
+        # the unmasked (one-scale) chunks without a bias take jaxgen's CPU kernel: the same attention
+        no_bias = dot_product_attention(q[:, :length], k[:, :length], v[:, :length], mask[..., :length, :length],
+                                        None, "xla", query_chunks=cut)
+        dense = dot_product_attention(q[:, :length], k[:, :length], v[:, :length], mask[..., :length, :length])
+        np.testing.assert_allclose(no_bias, dense, atol=2e-6)
     grads = [jax.grad(lambda *a: jnp.sum(jnp.sin(attend(*a, 66, c))), argnums=(0, 1, 2))(q, k, v)
              for c in (chunks, None)]
     for a, b in zip(*grads):
@@ -261,10 +266,11 @@ def test_block_causal_attention_by_scale_chunks_is_the_full_masked_attention():
 
 
 def test_var_teacher_forcing_with_scale_chunks_matches_the_dense_mask(family, params, frozen, batch):
-    """config.model.attn_chunk_tokens: per chunk of scales (here (0, 1), (1, 5), (5, 14)) = one dense masked pass."""
+    """config.model.attn_chunk_tokens: per chunk of scales (here (0, 1), (1, 5), (5, 14), each one scale, so with no
+    mask: jaxgen's CPU attention kernel) = one dense masked pass."""
     from jaxgen.families.var.model import attention_chunks
 
     _, x_in = family.teacher_forcing_inputs(batch, frozen)
-    assert attention_chunks(family.model.patch_nums, 4) == ((0, 1), (1, 5), (5, 14))
+    assert attention_chunks(family.model.patch_nums, 4) == ((0, 1, True), (1, 5, True), (5, 14, True))
     out = {n: family.model.clone(attn_chunk_tokens=n).apply({"params": params}, batch["label"], x_in) for n in (4, 0)}
     np.testing.assert_allclose(out[4], out[0], atol=1e-5)

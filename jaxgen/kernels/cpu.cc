@@ -1,7 +1,8 @@
 // jaxgen's XLA:CPU FFI kernels for decode steps (see cpu.py for why), float32:
 //   JaxgenCpuGemv: y (M, N) = x (M, K) @ w (K, N) for a few rows M.
 //   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
-//   JaxgenCpuAttention: softmax(q k^T * scale) v for many queries per (batch, head), with a mask over keys only.
+//   JaxgenCpuAttention(+Backward): softmax(q k^T * scale) v for many queries per (batch, head), with a mask over
+//     keys only, and its gradients.
 //   JaxgenCpuBlasGemm: y = op(x) @ op(w) through a CBLAS sgemm handed over by `JaxgenSetBlas` (numpy's OpenBLAS).
 //
 // At a few rows a matmul is bound by reading w once. The kernel reads w as one sequential stream per thread: the
@@ -58,12 +59,14 @@ inline vf16 ExpNonPositive(vf16 x) {
   return x < -87.f ? vf16{} : result;
 }
 
-// ---- register-tiled matmul piece (BLIS style): C tile (kTileRows x 32) = A rows (kTileRows x depth, row stride lda)
-// x B panel (depth x 32, k-major). A's values are broadcast, B's read as two 16-float vectors: 2 x kTileRows
+// ---- register-tiled matmul piece (BLIS style): C tile (kTileRows x 32) = A (kTileRows x depth) x B panel
+// (depth x 32, k-major). A is read in place: row i at a + i * lda (kColumns = false) or, transposed, element (i, k)
+// at a[k * lda + i] (kColumns = true). A's values are broadcast, B's read as two 16-float vectors: 2 x kTileRows
 // accumulators stay in registers (24 of AVX-512's 32 at 12 rows).
 constexpr int kTileRows = 12;
 constexpr int kTileCols = 32;
 
+template <bool kColumns = false>
 inline void TileProduct(int64_t depth, const float* __restrict a, int64_t lda, const float* __restrict b, float* c,
                         int64_t ldc) {
   vf16 acc[kTileRows][2];
@@ -73,7 +76,7 @@ inline void TileProduct(int64_t depth, const float* __restrict a, int64_t lda, c
     const vf16 b0 = load16(b + k * kTileCols), b1 = load16(b + k * kTileCols + 16);
 #pragma GCC unroll 16
     for (int i = 0; i < kTileRows; ++i) {
-      const float ai = a[i * lda + k];
+      const float ai = kColumns ? a[k * lda + i] : a[i * lda + k];
       acc[i][0] += ai * b0;
       acc[i][1] += ai * b1;
     }
@@ -244,14 +247,82 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
-// out (B, T, N, H) = softmax(q k^T * scale) v per (batch, head); q (B, T, N, H), k, v (B, S, N, H); keys with
-// keep[b, s] == 0 get the lowest finite logit (jaxgen's masking: a fully masked row comes out uniform, not NaN).
-// Per (batch, head) pair: k^T and v packed once into 32-column panels, then for every 12 queries the logits
-// (12 x S) as register tiles, an exact softmax over each row in L1 / L2, and the probabilities x v as register tiles.
-// Whole pairs go to threads, so nothing is shared; no (T, S) logits ever reach memory.
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, ffi::ResultBuffer<ffi::F32> out,
-                     float scale) {
+// ---- attention over (B, T, N, H) queries and (B, S, N, H) keys / values, one (batch, head) pair per task.
+// Row r of a pair's (T or S, H) operand lies at base + r * stride (stride = N * H).
+
+// Transposed panels: panel p (h x 32) holds rows [32 p, 32 p + 32) of src (h values each), zero past `rows`.
+void PackTransposed(const float* src, int64_t rows, int64_t stride, int64_t h, int64_t rows_pad, float* dst) {
+  for (int64_t r0 = 0; r0 < rows_pad; r0 += kTileCols) {
+    float* panel = dst + r0 * h;
+    for (int64_t j = 0; j < kTileCols; ++j) {
+      if (r0 + j < rows) {
+        const float* row = src + (r0 + j) * stride;
+        for (int64_t d = 0; d < h; ++d) panel[d * kTileCols + j] = row[d];
+      } else {
+        for (int64_t d = 0; d < h; ++d) panel[d * kTileCols + j] = 0.f;
+      }
+    }
+  }
+}
+
+// Column panels: panel c (rows_pad x 32) holds columns [32 c, 32 c + 32) of src times `mul`, zero outside.
+void PackColumns(const float* src, int64_t rows, int64_t stride, int64_t h, int64_t rows_pad, int64_t h_pad,
+                 float mul, float* dst) {
+  for (int64_t c0 = 0; c0 < h_pad; c0 += kTileCols) {
+    float* panel = dst + c0 * rows_pad;
+    for (int64_t r = 0; r < rows_pad; ++r)
+      for (int64_t j = 0; j < kTileCols; ++j)
+        panel[r * kTileCols + j] = (r < rows && c0 + j < h) ? src[r * stride + c0 + j] * mul : 0.f;
+  }
+}
+
+// `rows` query rows (row stride h) times `mul`, zero-padded to a full tile of kTileRows x h.
+void CopyTile(const float* src, int rows, int64_t stride, int64_t h, float mul, float* tile) {
+  for (int i = 0; i < kTileRows; ++i)
+    for (int64_t d = 0; d < h; ++d) tile[i * h + d] = i < rows ? src[i * stride + d] * mul : 0.f;
+}
+
+// Logit rows (kTileRows x keys_pad) -> softmax probabilities in place: keys with keep == 0 get the lowest finite
+// logit (jaxgen's masking: a fully masked row is uniform over the real keys, not NaN); padding keys get exactly 0.
+void SoftmaxRows(float* logits, int64_t keys, int64_t keys_pad, const float* keep) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  for (int i = 0; i < kTileRows; ++i) {
+    float* row = logits + i * keys_pad;
+    vf16 top16 = vf16{} + lowest;
+    for (int64_t s = 0; s < keys_pad; s += 16) {
+      const vf16 x = load16(keep + s) != 0.f ? load16(row + s) : vf16{} + lowest;
+      store16(row + s, x);
+      top16 = x > top16 ? x : top16;
+    }
+    float top = top16[0];
+    for (int j = 1; j < 16; ++j) top = std::max(top, top16[j]);
+    vf16 sum16 = vf16{};
+    for (int64_t s = 0; s < keys_pad; s += 16) {
+      const vf16 e = ExpNonPositive(load16(row + s) - top);
+      store16(row + s, e);
+      sum16 += e;
+    }
+    float total = 0.f;
+    for (int j = 0; j < 16; ++j) total += sum16[j];
+    for (int64_t s = keys; s < keys_pad; ++s) {  // padding is no key, even where every real key is masked
+      total -= row[s];
+      row[s] = 0.f;
+    }
+    const float inv = 1.f / total;
+    for (int64_t s = 0; s < keys_pad; s += 16) store16(row + s, load16(row + s) * inv);
+  }
+}
+
+struct AttentionShape {
+  int64_t batch, queries, heads, h, keys, keys_pad, h_pad;
+  int64_t pairs() const { return batch * heads; }
+  int64_t q_offset(int64_t b, int64_t n, int64_t t) const { return ((b * queries + t) * heads + n) * h; }
+  int64_t k_offset(int64_t b, int64_t n) const { return (b * keys * heads + n) * h; }
+  int64_t stride() const { return heads * h; }
+};
+
+ffi::Error CheckAttention(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                          ffi::Buffer<ffi::F32>& keep, AttentionShape* shape) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   const auto vd = v.dimensions();
@@ -261,76 +332,123 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     return ffi::Error::InvalidArgument(
         "jaxgen_cpu_attention: q (B, T, N, H), k = v (B, S, N, H), keep (B, S) expected");
   }
-  const int64_t batch = qd[0], queries = qd[1], heads = qd[2], h = qd[3], keys = kd[1];
-  const int64_t keys_pad = RoundUp(keys, kTileCols), h_pad = RoundUp(h, kTileCols);
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const float* keep_p = keep.typed_data();
+  *shape = {qd[0], qd[1], qd[2], qd[3], kd[1], RoundUp(kd[1], kTileCols), RoundUp(qd[3], kTileCols)};
+  return ffi::Error::Success();
+}
+
+// out (B, T, N, H) = softmax(q k^T * scale, keys with keep[b, s] == 0 masked) v per (batch, head).
+// Per pair: k^T and v packed once into 32-column panels, then for every 12 queries the logits (12 x S) as register
+// tiles, the softmax over each row in L1 / L2, and the probabilities x v as register tiles: no (T, S) logits ever
+// reach memory. Whole pairs go to threads, so nothing is shared.
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, ffi::ResultBuffer<ffi::F32> out,
+                     float scale) {
+  AttentionShape sh;
+  if (auto error = CheckAttention(q, k, v, keep, &sh); error.failure()) return error;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *keep_p = keep.typed_data();
   float* op = out->typed_data();
-  const int64_t pairs = batch * heads;
-  const float lowest = std::numeric_limits<float>::lowest();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int parts = static_cast<int>(std::min<int64_t>(threads, pairs));
+  const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), sh.pairs()));
   RunParts(pool, parts, [=](int part) {
-    std::vector<float> kt(h * keys_pad), vpack(keys_pad * h_pad), qtile(kTileRows * h),
-        logits(kTileRows * keys_pad), otile(kTileRows * h_pad), keep_row(keys_pad, 0.f);
-    for (int64_t pair = pairs * part / parts; pair < pairs * (part + 1) / parts; ++pair) {
-      const int64_t b = pair / heads, n = pair % heads;
-      const float* kb = kp + (b * keys * heads + n) * h;  // key s at kb + s * heads * h
-      const float* vb = vp + (b * keys * heads + n) * h;
-      std::copy(keep_p + b * keys, keep_p + (b + 1) * keys, keep_row.begin());  // padding keys stay 0 (dropped)
-      // k^T panels: panel j holds keys [32 j, 32 j + 32) as (h, 32); v panels: columns [32 c, 32 c + 32) as (S, 32)
-      for (int64_t s0 = 0; s0 < keys_pad; s0 += kTileCols) {
-        float* panel = kt.data() + s0 * h;
-        for (int64_t j = 0; j < kTileCols; ++j) {
-          const int64_t s = s0 + j;
-          for (int64_t d = 0; d < h; ++d) panel[d * kTileCols + j] = s < keys ? kb[s * heads * h + d] : 0.f;
-        }
-      }
-      for (int64_t c0 = 0; c0 < h_pad; c0 += kTileCols) {
-        float* panel = vpack.data() + c0 * keys_pad;
-        for (int64_t s = 0; s < keys_pad; ++s)
-          for (int64_t j = 0; j < kTileCols; ++j)
-            panel[s * kTileCols + j] = (s < keys && c0 + j < h) ? vb[s * heads * h + c0 + j] : 0.f;
-      }
-      for (int64_t t0 = 0; t0 < queries; t0 += kTileRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, queries - t0));
-        const float* qb = qp + ((b * queries + t0) * heads + n) * h;  // query t0 + i at qb + i * heads * h
-        for (int i = 0; i < kTileRows; ++i)
-          for (int64_t d = 0; d < h; ++d) qtile[i * h + d] = i < rows ? qb[i * heads * h + d] * scale : 0.f;
-        for (int64_t s0 = 0; s0 < keys_pad; s0 += kTileCols)
-          TileProduct(h, qtile.data(), h, kt.data() + s0 * h, logits.data() + s0, keys_pad);
-        float inv_total[kTileRows];
-        for (int i = 0; i < kTileRows; ++i) {
-          float* row = logits.data() + i * keys_pad;
-          vf16 top16 = vf16{} + lowest;
-          for (int64_t s = 0; s < keys_pad; s += 16) {
-            const vf16 x = load16(keep_row.data() + s) != 0.f ? load16(row + s) : vf16{} + lowest;
-            store16(row + s, x);
-            top16 = x > top16 ? x : top16;
-          }
-          float top = top16[0];
-          for (int j = 1; j < 16; ++j) top = std::max(top, top16[j]);
-          vf16 sum16 = vf16{};
-          for (int64_t s = 0; s < keys_pad; s += 16) {
-            const vf16 e = ExpNonPositive(load16(row + s) - top);
-            store16(row + s, e);
-            sum16 += e;
-          }
-          float total = 0.f;
-          for (int j = 0; j < 16; ++j) total += sum16[j];
-          for (int64_t s = keys; s < keys_pad; ++s) {  // padding is no key, even where every real key is masked
-            total -= row[s];
-            row[s] = 0.f;
-          }
-          inv_total[i] = 1.f / total;
-        }
-        for (int64_t c0 = 0; c0 < h_pad; c0 += kTileCols)
-          TileProduct(keys, logits.data(), keys_pad, vpack.data() + c0 * keys_pad, otile.data() + c0, h_pad);
-        float* ob = op + ((b * queries + t0) * heads + n) * h;
+    std::vector<float> kt(sh.h * sh.keys_pad), vcols(sh.keys_pad * sh.h_pad), qtile(kTileRows * sh.h),
+        probs(kTileRows * sh.keys_pad), otile(kTileRows * sh.h_pad), keep_row(sh.keys_pad, 0.f);
+    for (int64_t pair = sh.pairs() * part / parts; pair < sh.pairs() * (part + 1) / parts; ++pair) {
+      const int64_t b = pair / sh.heads, n = pair % sh.heads;
+      std::copy(keep_p + b * sh.keys, keep_p + (b + 1) * sh.keys, keep_row.begin());  // padding stays 0
+      PackTransposed(kp + sh.k_offset(b, n), sh.keys, sh.stride(), sh.h, sh.keys_pad, kt.data());
+      PackColumns(vp + sh.k_offset(b, n), sh.keys, sh.stride(), sh.h, sh.keys_pad, sh.h_pad, 1.f, vcols.data());
+      for (int64_t t0 = 0; t0 < sh.queries; t0 += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.queries - t0));
+        CopyTile(qp + sh.q_offset(b, n, t0), rows, sh.stride(), sh.h, scale, qtile.data());
+        for (int64_t s0 = 0; s0 < sh.keys_pad; s0 += kTileCols)
+          TileProduct(sh.h, qtile.data(), sh.h, kt.data() + s0 * sh.h, probs.data() + s0, sh.keys_pad);
+        SoftmaxRows(probs.data(), sh.keys, sh.keys_pad, keep_row.data());
+        for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
+          TileProduct(sh.keys, probs.data(), sh.keys_pad, vcols.data() + c0 * sh.keys_pad, otile.data() + c0,
+                      sh.h_pad);
+        float* ob = op + sh.q_offset(b, n, t0);
         for (int i = 0; i < rows; ++i)
-          for (int64_t d = 0; d < h; ++d) ob[i * heads * h + d] = otile[i * h_pad + d] * inv_total[i];
+          std::copy(otile.data() + i * sh.h_pad, otile.data() + i * sh.h_pad + sh.h, ob + i * sh.stride());
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Gradients of `Attention` (dq, dk, dv) from q, k, v, keep, its output and the output's cotangent, per pair:
+// P recomputed tile by tile as in the forward pass, dP = dout v^T, dS = P (dP - rowsum(dout * out)),
+// dq = dS k * scale; then dk = dS^T (q * scale) and dv = P^T dout over the pair's whole P and dS (T x S each,
+// kept per thread), read column-wise in place.
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, ffi::Buffer<ffi::F32> out,
+                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  AttentionShape sh;
+  if (auto error = CheckAttention(q, k, v, keep, &sh); error.failure()) return error;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *keep_p = keep.typed_data();
+  const float *op = out.typed_data(), *dop = dout.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  const int64_t q_pad = RoundUp(sh.queries, kTileRows);
+  const int64_t slack = kTileRows;  // key tiles of 12 may read up to 11 columns past keys_pad (results dropped)
+  const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), sh.pairs()));
+  RunParts(pool, parts, [=](int part) {
+    std::vector<float> kt(sh.h * sh.keys_pad), vt(sh.h * sh.keys_pad), kcols(sh.keys_pad * sh.h_pad),
+        qcols(sh.queries * sh.h_pad), docols(sh.queries * sh.h_pad), qtile(kTileRows * sh.h),
+        dotile(kTileRows * sh.h), probs(q_pad * sh.keys_pad + slack, 0.f), dscores(q_pad * sh.keys_pad + slack, 0.f),
+        gtile(kTileRows * sh.h_pad), keep_row(sh.keys_pad, 0.f);
+    for (int64_t pair = sh.pairs() * part / parts; pair < sh.pairs() * (part + 1) / parts; ++pair) {
+      const int64_t b = pair / sh.heads, n = pair % sh.heads, st = sh.stride();
+      const float *kb = kp + sh.k_offset(b, n), *vb = vp + sh.k_offset(b, n);
+      std::copy(keep_p + b * sh.keys, keep_p + (b + 1) * sh.keys, keep_row.begin());
+      PackTransposed(kb, sh.keys, st, sh.h, sh.keys_pad, kt.data());
+      PackTransposed(vb, sh.keys, st, sh.h, sh.keys_pad, vt.data());
+      PackColumns(kb, sh.keys, st, sh.h, sh.keys_pad, sh.h_pad, 1.f, kcols.data());
+      PackColumns(qp + sh.q_offset(b, n, 0), sh.queries, st, sh.h, sh.queries, sh.h_pad, scale, qcols.data());
+      PackColumns(dop + sh.q_offset(b, n, 0), sh.queries, st, sh.h, sh.queries, sh.h_pad, 1.f, docols.data());
+      for (int64_t t0 = 0; t0 < sh.queries; t0 += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.queries - t0));
+        float* p = probs.data() + t0 * sh.keys_pad;
+        float* ds = dscores.data() + t0 * sh.keys_pad;
+        CopyTile(qp + sh.q_offset(b, n, t0), rows, st, sh.h, scale, qtile.data());
+        CopyTile(dop + sh.q_offset(b, n, t0), rows, st, sh.h, 1.f, dotile.data());
+        for (int64_t s0 = 0; s0 < sh.keys_pad; s0 += kTileCols) {
+          TileProduct(sh.h, qtile.data(), sh.h, kt.data() + s0 * sh.h, p + s0, sh.keys_pad);
+          TileProduct(sh.h, dotile.data(), sh.h, vt.data() + s0 * sh.h, ds + s0, sh.keys_pad);
+        }
+        SoftmaxRows(p, sh.keys, sh.keys_pad, keep_row.data());
+        for (int i = 0; i < kTileRows; ++i) {
+          float* pi = p + i * sh.keys_pad;
+          float* dsi = ds + i * sh.keys_pad;
+          if (i >= rows) {  // padding queries: no gradient (and nothing for dk / dv to pick up)
+            std::fill(pi, pi + sh.keys_pad, 0.f);
+            std::fill(dsi, dsi + sh.keys_pad, 0.f);
+            continue;
+          }
+          const float* oi = op + sh.q_offset(b, n, t0 + i);
+          const float* doi = dop + sh.q_offset(b, n, t0 + i);
+          float dot = 0.f;
+          for (int64_t d = 0; d < sh.h; ++d) dot += oi[d] * doi[d];
+          for (int64_t s = 0; s < sh.keys_pad; s += 16) {  // masked logits are constants: no gradient
+            const vf16 g = load16(pi + s) * (load16(dsi + s) - dot);
+            store16(dsi + s, load16(keep_row.data() + s) != 0.f ? g : vf16{});
+          }
+        }
+        for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
+          TileProduct(sh.keys, ds, sh.keys_pad, kcols.data() + c0 * sh.keys_pad, gtile.data() + c0, sh.h_pad);
+        float* dqb = dqp + sh.q_offset(b, n, t0);
+        for (int i = 0; i < rows; ++i)
+          for (int64_t d = 0; d < sh.h; ++d) dqb[i * st + d] = gtile[i * sh.h_pad + d] * scale;
+      }
+      for (int64_t s0 = 0; s0 < sh.keys; s0 += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.keys - s0));
+        for (int which = 0; which < 2; ++which) {  // dk = dS^T (q * scale), dv = P^T dout
+          const float* a = (which == 0 ? dscores.data() : probs.data()) + s0;
+          const float* cols = which == 0 ? qcols.data() : docols.data();
+          for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
+            TileProduct<true>(sh.queries, a, sh.keys_pad, cols + c0 * sh.queries, gtile.data() + c0, sh.h_pad);
+          float* gb = (which == 0 ? dkp : dvp) + sh.k_offset(b, n) + s0 * st;
+          for (int i = 0; i < rows; ++i)
+            std::copy(gtile.data() + i * sh.h_pad, gtile.data() + i * sh.h_pad + sh.h, gb + i * st);
+        }
       }
     }
   });
@@ -400,6 +518,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuBlasGemm, BlasGemm,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_x")
                                   .Attr<bool>("transpose_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttention, Attention,
                               ffi::Ffi::Bind()

@@ -1,5 +1,6 @@
-"""jaxgen's XLA:CPU kernels for decode steps (XLA FFI, `cpu.cc`): few-row matmuls and one-query KV-cache attention,
-both at the speed of reading their operands.
+"""jaxgen's XLA:CPU kernels (XLA FFI, `cpu.cc`): few-row matmuls and one-query KV-cache attention at the speed of
+reading their operands, a many-query attention (forward and backward) that keeps its logits in cache, and large
+matmuls through numpy's OpenBLAS. All are used on the CPU backend with one device and float32 operands only.
 
 `matmul` -- why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached
 decode: 4 rows, 680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
@@ -16,10 +17,23 @@ compiler, or with JAXGEN_CPU_KERNELS=0, jaxgen keeps XLA's ops (one log line say
 only the first `length` slots are written: XLA attends over every slot with a mask, reading the whole cache; the
 kernel reads the written slots only, one (batch, head) pair after another on each thread (`Attention` uses it for
 T = 1 with no extra mask, bias or dropout, under the same conditions as `matmul`).
+
+`attention` -- softmax(q k^T * scale) v with at most a per-key mask (MAR's encoder / decoder, VAR's cached scales
+and its one-scale teacher-forcing chunks): XLA:CPU writes the (B, N, T, S) logits to memory and reads them back
+between its ops (2x torch's SDPA time); the kernel computes the logits of 12 queries at a time as register tiles,
+takes the softmax in L1 / L2 and multiplies by v, per (batch, head) pair on each thread. Its backward recomputes
+the probabilities, so training keeps no (T, S) array per layer (VAR-d16's train step: 7.7 -> 7.0 s, peak RSS
+8.6 -> 7.7 GB). `jaxgen.nn.attention.dot_product_attention` dispatches to it.
+
+`gemm` -- XLA:CPU's dots reach 285-320 GFLOP/s on the transformer-sized products of this VM where OpenBLAS (the
+copy numpy's wheel bundles, 64-bit integers) reaches 320-345: `Dense` calls `gemm` from BLAS_MIN_ROWS rows, each
+thread of XLA's pool running one single-threaded sgemm on its block (BLAS starts no threads of its own); the
+gradients are sgemms too. Without numpy's OpenBLAS, or with JAXGEN_CPU_BLAS=0, XLA's dots stay.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -36,8 +50,9 @@ import numpy as np
 
 MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
 TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
-           "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm"}
-GEMV, DECODE_ATTENTION, ATTENTION, BLAS_GEMM = TARGETS
+           "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
+           "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm"}
+GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
 BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
@@ -196,22 +211,39 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, length, scale: fl
         q, k, v, jnp.asarray(length, jnp.int32), scale=np.float32(scale))
 
 
+def _attention(q, k, v, keep, scale):
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(q, k, v, keep, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_vjp(q, k, v, keep, scale):
+    return _attention(q, k, v, keep, scale)
+
+
+def _attention_fwd(q, k, v, keep, scale):
+    out = _attention(q, k, v, keep, scale)
+    return out, (q, k, v, keep, out)
+
+
+def _attention_bwd(scale, saved, g):
+    q, k, v, keep, out = saved
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call(ATTENTION_BACKWARD, shapes, vmap_method="sequential")(
+        q, k, v, keep, out, g.astype(jnp.float32), scale=np.float32(scale))
+    return dq, dk, dv, jnp.zeros_like(keep)
+
+
+_attention_vjp.defvjp(_attention_fwd, _attention_bwd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
     """softmax(q k^T * scale) v per (batch, head): q (B, T, N, H), k, v (B, S, N, H), keep (B, S) (False: no key;
-    masked logits at the lowest finite float, as `jaxgen.nn.attention`) -> (B, T, N, H) float32. Call only where
-    `wanted_attention`; no gradient of its own (`jaxgen.nn.attention` differentiates the XLA formulation)."""
+    masked logits at the lowest finite float, as in `jaxgen.nn.attention`) -> (B, T, N, H) float32, differentiable
+    (the backward kernel recomputes the probabilities: nothing of size (T, S) is kept for it). Call only where
+    `wanted_attention`."""
     _require()
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(
-        q, k, v, jnp.asarray(keep, jnp.float32), scale=np.float32(scale))
-
-
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (M, K) @ w (K, N) -> (M, N) float32 through the kernel (call only where `wanted`)."""
-    _require()
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(GEMV, out, vmap_method="sequential")(x, w)
+    return _attention_vjp(q, k, v, jnp.asarray(keep, jnp.float32), float(scale))
 
 
 def _blas(x, w, transpose_x=False, transpose_w=False):
@@ -238,6 +270,14 @@ def _gemm_bwd(saved, g):
 
 
 gemm.defvjp(_gemm_fwd, _gemm_bwd)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (M, K) @ w (K, N) -> (M, N) float32 through the kernel (call only where `wanted`)."""
+    _require()
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(GEMV, out, vmap_method="sequential")(x, w)
 
 
 def _fwd(x, w):

@@ -7,13 +7,11 @@ Softmax always runs in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgen.kernels import cpu as cpu_kernels
 from jaxgen.nn.dropout import Dropout, dropout
@@ -89,32 +87,10 @@ def _key_mask(mask4: Optional[jax.Array], batch: int, keys: int) -> Optional[jax
     return jnp.broadcast_to(mask4[:, 0, 0, :], (batch, keys))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _cpu_kernel_attention(q, k, v, keep, scale):
-    """`_normalize_last` with a per-key mask through jaxgen's CPU kernel (`jaxgen.kernels.cpu.attention`: the
-    logits of 12 queries at a time stay in cache; MAR-B's decoder attention 4 x 12 heads x 320 x 320: 13.7 -> 6.0
-    ms, VAR-d16's last scale 4 x 16 x 256 x 680: 27 -> 14 ms on the Intel VM, 2026-12-06). Differentiating it
-    differentiates the XLA formulation instead (forward and backward as before), so training is unchanged."""
-    return cpu_kernels.attention(q, k, v, keep, scale).astype(q.dtype)
-
-
-def _cpu_kernel_attention_fwd(q, k, v, keep, scale):
-    mask = keep[:, None, None, :]
-    out, pullback = jax.vjp(lambda q_, k_, v_: _normalize_last(q_, k_, v_, mask, None, scale), q, k, v)
-    return out, (pullback, keep)
-
-
-def _cpu_kernel_attention_bwd(scale, saved, g):
-    pullback, keep = saved
-    return pullback(g) + (np.zeros(keep.shape, jax.dtypes.float0),)
-
-
-_cpu_kernel_attention.defvjp(_cpu_kernel_attention_fwd, _cpu_kernel_attention_bwd)
-
-
-def clip_query_chunks(chunks: Sequence[Tuple[int, int]], length: int) -> Tuple[Tuple[int, int], ...]:
-    """`chunks` (see `dot_product_attention`) cut to the first `length` queries (a prefix of the sequence)."""
-    return tuple((a, min(b, length)) for a, b in chunks if a < length)
+def clip_query_chunks(chunks: Sequence[Tuple], length: int) -> Tuple[Tuple, ...]:
+    """`chunks` (see `dot_product_attention`) cut to the first `length` queries (a prefix of the sequence). An
+    unmasked chunk stays unmasked: its queries saw every key before its end, so every key before `length` too."""
+    return tuple((a, min(b, length)) + tuple(rest) for a, b, *rest in chunks if a < length)
 
 
 def _rows(a: Optional[jax.Array], begin: int, end: int, keys: int) -> Optional[jax.Array]:
@@ -131,7 +107,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
                           bias: Optional[jax.Array] = None, impl: str = "auto", *, scale: Optional[float] = None,
                           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
                           kv_layout: str = "BSNH",
-                          query_chunks: Optional[Sequence[Tuple[int, int]]] = None) -> jax.Array:
+                          query_chunks: Optional[Sequence[Tuple]] = None) -> jax.Array:
     """softmax(q k^T * scale + bias, masked) v.
 
     q: (B, T, N, H); k, v: (B, S, N, H) (S may differ from T, e.g. with a KV cache), or with kv_layout='BNSH'
@@ -143,18 +119,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     query_chunks: static ((begin, end), ...) covering the queries in order, for masks under which queries in
     [begin, end) see no key at or after `end` (causal, block-causal): each chunk then attends over keys [0, end)
     only. Same function, fewer FLOPs and smaller logits (VAR-d16's block-causal 680 x 680 at its scale boundaries:
-    63 % of the pairs). Self-attention layout (k, v BSNH, key i = query i) only.
+    63 % of the pairs). Self-attention layout (k, v BSNH, key i = query i) only. An entry (begin, end, True)
+    declares that the mask lets every query of the chunk see all keys [0, end): its rows of the mask are not used
+    (a chunk that is one VAR scale; this is what lets a chunk take the CPU kernel, which has per-key masks only).
     """
     if query_chunks:
         if kv_layout != "BSNH" or k.shape[1] != q.shape[1]:
             raise ValueError("query_chunks needs self-attention: BSNH keys / values as long as the queries")
         if query_chunks[0][0] != 0 or query_chunks[-1][1] != q.shape[1] or any(
-                b0 != a1 for (_, b0), (a1, _) in zip(query_chunks, query_chunks[1:])):
+                prev[1] != nxt[0] for prev, nxt in zip(query_chunks, query_chunks[1:])):
             raise ValueError(f"query_chunks {tuple(query_chunks)} must cover queries 0..{q.shape[1]} in order")
         outs = []
-        for i, (a, b) in enumerate(query_chunks):
+        for i, (a, b, *unmasked) in enumerate(query_chunks):
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            outs.append(dot_product_attention(q[:, a:b], k[:, :b], v[:, :b], _rows(mask, a, b, b), _rows(bias, a, b, b),
+            rows_mask = None if unmasked and unmasked[0] else _rows(mask, a, b, b)
+            outs.append(dot_product_attention(q[:, a:b], k[:, :b], v[:, :b], rows_mask, _rows(bias, a, b, b),
                                               impl, scale=scale, dropout_rate=dropout_rate, dropout_rng=rng))
         return jnp.concatenate(outs, axis=1)
     if kv_layout not in KV_LAYOUTS:
@@ -186,7 +165,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     if use == "xla":
         keep = _key_mask(mask4, q.shape[0], k.shape[1]) if bias4 is None else None
         if keep is not None and cpu_kernels.wanted_attention(q.dtype, k.dtype, v.dtype):
-            return _cpu_kernel_attention(q, k, v, keep, float(scale))
+            # jaxgen's CPU kernel keeps the logits of 12 queries at a time in cache and recomputes them for the
+            # gradients (MAR-B's decoder attention, 4 x 12 heads x 320 x 320: 13.7 -> 6.0 ms; VAR-d16's last scale,
+            # 4 x 16 x 256 x 680: 27 -> 14 ms; Intel VM, 2026-12-06)
+            return cpu_kernels.attention(q, k, v, keep, scale).astype(q.dtype)
         return _normalize_last(q, k, v, mask4, bias4, scale)
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias4 is None else bias4.astype(q.dtype),
                                         scale=scale, implementation="cudnn")

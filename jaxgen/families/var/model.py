@@ -48,16 +48,18 @@ def block_causal_bias(patch_nums: Sequence[int]) -> np.ndarray:
     return np.where(block_causal_mask(patch_nums), 0.0, -np.inf).astype(np.float32)[None, None]
 
 
-def attention_chunks(patch_nums: Sequence[int], min_tokens: int = 64) -> Tuple[Tuple[int, int], ...]:
+def attention_chunks(patch_nums: Sequence[int], min_tokens: int = 64) -> Tuple[Tuple[int, int, bool], ...]:
     """Query chunks for the block-causal attention (`dot_product_attention(query_chunks=...)`): every scale of at
-    least `min_tokens` tokens alone (it sees keys up to its own end), the smaller scales before them together.
-    VAR-d16 (680 tokens): (0, 91), (91, 155), (155, 255), (255, 424), (424, 680), 63 % of the 680 x 680 pairs."""
+    least `min_tokens` tokens alone (it sees keys up to its own end, unmasked), the smaller scales before them
+    together. VAR-d16 (680 tokens): (0, 91), (91, 155), (155, 255), (255, 424), (424, 680), 63 % of the 680 x 680
+    pairs; the third entry says whether the chunk is one scale (True: no mask within it)."""
+    scales = set(map(tuple, begin_ends(patch_nums)))
     bounds = {sum(pn * pn for pn in patch_nums)}
-    for begin, end in begin_ends(patch_nums):
+    for begin, end in scales:
         if end - begin >= min_tokens:
             bounds |= {begin, end}
     bounds = sorted(bounds - {0})
-    return tuple(zip([0] + bounds[:-1], bounds))
+    return tuple((a, b, (a, b) in scales) for a, b in zip([0] + bounds[:-1], bounds))
 
 
 def begin_ends(patch_nums: Sequence[int]) -> List[Tuple[int, int]]:
