@@ -146,6 +146,8 @@ def bench_sample(config):
     from jaxgen import families
     from jaxgen.parallel import mesh as mesh_lib
     from jaxgen.parallel import sharding as sh
+    from jaxgen import pipeline
+    from jaxgen.train import restore
     from jaxgen.train.restore import replicate
 
     family = families.build(config)
@@ -155,9 +157,6 @@ def bench_sample(config):
     import flax.linen as nn
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
-        # tokens / latents only need no tokenizer (the official rows build none either)
-        frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
         labels = jax.device_put(np.arange(batch, dtype=np.int32) % int(config.data.num_classes),
                                 sh.batch_sharding(mesh, rules, 1))
         if FLAGS.what == "sample_tokens":
@@ -166,10 +165,17 @@ def bench_sample(config):
             fn = jax.jit(lambda p, f, l, r: family.sample_tokens(p, l, r))
         else:
             fn = jax.jit(family.sample)
+        # compiled from the params' shapes before any weights exist, as jaxgen's sample / eval modes do
+        # (`Sampler.precompile`): the compiler's peak and the weights never add up
+        abstract = restore.abstract_params(family, mesh, config.mesh.rules)
+        # tokens / latents only need no tokenizer (the official rows build none either)
+        abstract_frozen = pipeline.abstract_frozen(family, mesh) if FLAGS.what == "sample" else {}
         t0 = time.time()
-        compiled = fn.lower(params, frozen, labels, jax.random.PRNGKey(0)).compile()
+        compiled = fn.lower(abstract, abstract_frozen, labels, jax.random.PRNGKey(0)).compile()
         compile_s = time.time() - t0
         rss_compiled = _peak_rss_mb()
+        params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
+        frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
         for _ in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
         times = []

@@ -167,8 +167,12 @@ def parse_rows(text, known):
 def jaxgen_flags(row, batch, dtype):
     what, flags, anchor_batch = ROWS[row]
     b = batch or anchor_batch
+    # the tokenizer that decodes (VAR's VQVAE) computes in the row's dtype too: its run config says bfloat16
+    # (a training choice), the official decode runs in the model's dtype
+    decodes = "--what=sample" in flags
     return flags + [f"--batch={b}" if what == "sample" else f"--config.batch_size={b}",
-                    f"--config.compute_dtype={dtype}"]
+                    f"--config.compute_dtype={dtype}"] + (
+        [f"--config.tokenizer.config.compute_dtype={dtype}"] if decodes else [])
 
 
 def _jaxgen(args, row, batch, reps, warmup):

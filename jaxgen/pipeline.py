@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxgen import families, preflight
 from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.parallel import sharding as sh
 from jaxgen.train import export, restore
 
 MODES = ("train", "sample", "eval", "cache", "search", "reference")
@@ -205,15 +206,31 @@ def _periodic_sampler(config, workdir, family, trainer):
 
 # ----------------------------------------------------------------------------------------------- sample / eval
 
+def abstract_frozen(family, mesh) -> dict:
+    """ShapeDtypeStructs of `load_frozen`'s result (replicated on `mesh`), for compiling before loading."""
+    if family.tokenizer is None:
+        return {}
+    rep = sh.replicated(mesh)
+    return {"tokenizer": jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                                restore.abstract_params(family.tokenizer))}
+
+
 def load_for_sampling(config, workdir: str, mode: str = "sample", with_source: bool = False):
     """(family, params, frozen, mesh) of a run or of converted weights (`restore.load_params` order), after checking
-    the run (`preflight`); `with_source`: also where the params came from (path and step)."""
+    the run (`preflight`); `with_source`: also where the params came from (path and step). For 'sample' / 'eval'
+    the sampler at config.sample.batch_size is compiled first, before any weights are in memory
+    (`Sampler.precompile`)."""
+    from jaxgen import sampling
     from jaxgen.parallel import mesh as mesh_lib
 
     preflight.check(config, workdir, mode)
     family = families.build(config)
     family.require_sampler()
     mesh = mesh_lib.make_mesh(config.mesh)
+    if mode in ("sample", "eval"):
+        sampling.Sampler(family, mesh, config.mesh.rules).precompile(
+            restore.abstract_params(family, mesh, config.mesh.rules), abstract_frozen(family, mesh),
+            config.sample.batch_size)
     params, where = restore.load_params(config, workdir, family, mesh, prefer_ema=config.sample.use_ema)
     frozen = load_frozen(config, family, workdir, mesh)
     return (family, params, frozen, mesh, where) if with_source else (family, params, frozen, mesh)

@@ -45,3 +45,34 @@ def test_decode_loop_traces_one_step_and_reads_its_table_row():
     table = {"add": np.array([1.0, 10.0, 100.0], np.float32)}
     out = jax.jit(lambda s: decode_loop(step, s, 3, table))(jnp.zeros(()))
     assert float(out) == 1 * 1 + 10 * 2 + 100 * 3 and len(traces) == 1
+
+
+def test_precompiled_sampler_is_what_generate_runs():
+    """`Sampler.precompile` from abstract params (before any weights exist, as sample / eval do) compiles the
+    program `generate` then runs: no second compilation."""
+    from jax import monitoring
+
+    from jaxgen import families, pipeline, sampling
+    from jaxgen.parallel import mesh as mesh_lib
+    from jaxgen.parallel import sharding as sh
+    from jaxgen.train import restore
+    from configs import rar_tiny
+
+    config = rar_tiny.get_config()
+    family = families.build(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    compiles, listening = [], [True]
+    monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if listening[0] and "backend_compile" in event else None)
+    sampler = sampling.Sampler(family, mesh, config.mesh.rules)
+    sampler.precompile(restore.abstract_params(family, mesh, config.mesh.rules), pipeline.abstract_frozen(family, mesh),
+                       4)
+    assert compiles, "precompile compiled nothing"
+    params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, sh.rules_tuple(config.mesh.rules))
+    frozen = {"tokenizer": restore.replicate(sh.unbox(jax.jit(family.tokenizer.init)(jax.random.PRNGKey(1))), mesh)}
+    compiles.clear()
+    images = sampling.Sampler(family, mesh, config.mesh.rules).generate(params, frozen, np.arange(4) % 10, 0, 4,
+                                                                        progress=False)
+    listening[0] = False
+    assert images.shape[0] == 4
+    assert not compiles, compiles
