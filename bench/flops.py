@@ -2,9 +2,9 @@
 both sides' seconds). Matmuls only (2 m n k, attention QK^T and AV included); norms, activations and sampling are
 left out, so achieved GFLOP/s are slight underestimates.
 
-Where a sampler has no loops (VAR's is unrolled over its scales) XLA's own count of the compiled program is used
-instead (bench/throughput.py). Samplers built on a lax loop (MAR, RAR) are counted here, since XLA counts a loop body
-once; train steps too (`train_flops`: model FLOPs, the MFU convention; on a GPU XLA's count misses cuDNN attention).
+Samplers built on a lax loop (MAR, RAR) are counted here, since XLA counts a loop body once; VAR's (unrolled over
+its scales) too, since XLA's count leaves out jaxgen's CPU kernels (custom calls); its VQVAE decode is XLA's count
+of the decoder alone (plain convolutions). Train steps too (`train_flops`: model FLOPs, the MFU convention; on a GPU XLA's count misses cuDNN attention).
 """
 from __future__ import annotations
 
@@ -52,6 +52,30 @@ def rar_sample(model, batch: int, cfg: bool) -> float:
     return batch * (2 if cfg else 1) * (body + head)
 
 
+def var_sample(family, batch: int) -> float:
+    """Official `autoregressive_infer_cfg` (always 2 x batch copies: conditional and unconditional): 680 tokens per copy through the KV-cached blocks (each scale attends to
+    every token up to its own end), word embedding and head per token, ada_lin per block and scale; then the VQVAE
+    decode of the final f_hat (XLA's count of the decoder)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen.families.var.model import block_causal_mask
+    from jaxgen.train import restore
+
+    m = family.model
+    c, seq, scales = m.embed_dim, m.seq_len, len(m.patch_nums)
+    pairs = float(block_causal_mask(m.patch_nums).sum())
+    body = transformer(seq, pairs, c, int(round(c * m.mlp_ratio)), m.depth)
+    body += 2.0 * seq * (c * m.vocab_size + m.cvae * c) + scales * 2.0 * (m.depth * 6 + 2) * c * c
+    side = m.patch_nums[-1]
+    features = jax.ShapeDtypeStruct((batch, side, side, m.cvae), jnp.float32)
+    tok = family.tokenizer
+    cost = jax.jit(lambda p, f: tok.decode(p, {"features": f})).lower(restore.abstract_params(tok), features)
+    cost = cost.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return 2 * batch * body + float(cost["flops"])
+
+
 def sample_flops(family, what: str, batch: int):
     """Counted FLOPs of one sampling call of `family` at `batch`, or None where XLA's count is exact (no loop)."""
     s = family.sample_settings
@@ -59,6 +83,8 @@ def sample_flops(family, what: str, batch: int):
         return mar_sample(family.model, s.num_iter, batch, float(s.cfg) != 1.0, family.gen_diffusion.num_timesteps)
     if family.name == "rar" and what == "sample_tokens":
         return rar_sample(family.model, batch, float(s.guidance_scale) != 1.0)
+    if family.name == "var" and what == "sample":
+        return var_sample(family, batch)
     return None
 
 
