@@ -166,7 +166,7 @@ def bench_sample(config):
         else:
             fn = jax.jit(family.sample)
         # compiled from the params' shapes before any weights exist, as jaxgen's sample / eval modes do
-        # (`Sampler.precompile`): the compiler's peak and the weights never add up
+        # (`Sampler.precompile`)
         abstract = restore.abstract_params(family, mesh, config.mesh.rules)
         # tokens / latents only need no tokenizer (the official rows build none either)
         abstract_frozen = pipeline.abstract_frozen(family, mesh) if FLAGS.what == "sample" else {}

@@ -219,7 +219,8 @@ def load_for_sampling(config, workdir: str, mode: str = "sample", with_source: b
     """(family, params, frozen, mesh) of a run or of converted weights (`restore.load_params` order), after checking
     the run (`preflight`); `with_source`: also where the params came from (path and step). For 'sample' / 'eval'
     the sampler at config.sample.batch_size is compiled first, before any weights are in memory
-    (`Sampler.precompile`)."""
+    (`Sampler.precompile`): compile errors surface before minutes of loading, and the compiler's working memory is
+    free by the time the weights arrive."""
     from jaxgen import sampling
     from jaxgen.parallel import mesh as mesh_lib
 

@@ -66,8 +66,9 @@ class Sampler:
     def precompile(self, params: Any, frozen: Any, batch_size: int) -> None:
         """Compile `family.sample` for `batch_size` from params / frozen that may be abstract (ShapeDtypeStructs with
         their shardings, e.g. `restore.abstract_params`): done before the weights are loaded, XLA's compile-time
-        peak and the weights never occupy memory together (VAR-d16: ~1 GB less at the peak). `generate` with the
-        real arrays then finds the executable in jax's cache."""
+        working memory is free again when they arrive (whether the process hands it back is the host allocator's
+        choice: with `keep_freed_memory` it stays, and VAR-d16's sampling peak hardly moved, docs/benchmarks.md).
+        `generate` with the real arrays then finds the executable in jax's cache."""
         batch_size = self.batch_size(batch_size)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             # labels and key made as `generate` makes them (tiny): the same types, so the same cache entry
