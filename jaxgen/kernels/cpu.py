@@ -168,7 +168,7 @@ def available() -> bool:
                 lines = str(getattr(e, "stderr", "") or e).strip().splitlines()
                 why = next((line for line in lines if "error" in line), lines[-1] if lines else type(e).__name__)
                 _state.update(ok=False, why=why)
-                logging.info("jaxgen: no CPU decode kernels, XLA's ops instead (%s)", why)
+                logging.info("jaxgen: no CPU kernels, XLA's ops instead (%s)", why)
         return _state["ok"]
 
 
@@ -182,29 +182,25 @@ def wanted(rows: int, x_dtype, w_dtype) -> bool:
     return rows <= MAX_ROWS and _cpu_f32(x_dtype, w_dtype) and available()
 
 
-def wanted_decode_attention(q_dtype, k_dtype, v_dtype) -> bool:
-    """Whether a one-query step over a KV cache should use `decode_attention` (decided at trace time)."""
-    return _cpu_f32(q_dtype, k_dtype, v_dtype) and available()
-
-
 def wanted_gemm(rows: int, x_dtype, w_dtype) -> bool:
     """Whether a (rows, K) x (K, N) product should use `gemm` (BLAS; decided at trace time)."""
     return rows >= BLAS_MIN_ROWS and _cpu_f32(x_dtype, w_dtype) and available() and _state.get("blas", False)
 
 
 def wanted_attention(q_dtype, k_dtype, v_dtype) -> bool:
-    """Whether a many-query attention with at most a per-key mask should use `attention` (decided at trace time)."""
+    """Whether an attention the kernels cover (`attention`: at most a per-key mask; `decode_attention`: one query
+    over a KV cache) should use them (decided at trace time)."""
     return _cpu_f32(q_dtype, k_dtype, v_dtype) and available()
 
 
 def _require():
     if not available():
-        raise RuntimeError(f"the CPU decode kernels are not available: {_state['why']}")
+        raise RuntimeError(f"the CPU kernels are not available: {_state['why']}")
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, length, scale: float) -> jax.Array:
     """softmax(q k[:, :, :length]^T * scale) v[:, :, :length]: q (B, 1, N, H), k, v (B, N, S, H) (`KVCache`),
-    length a traced int (1 <= length <= S) -> (B, 1, N, H) float32. Call only where `wanted_decode_attention`."""
+    length a traced int (1 <= length <= S) -> (B, 1, N, H) float32. Call only where `wanted_attention`."""
     _require()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(DECODE_ATTENTION, out, vmap_method="sequential")(

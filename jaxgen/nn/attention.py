@@ -168,7 +168,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
             # jaxgen's CPU kernel keeps the logits of 12 queries at a time in cache and recomputes them for the
             # gradients (MAR-B's decoder attention, 4 x 12 heads x 320 x 320: 13.7 -> 6.0 ms; VAR-d16's last scale,
             # 4 x 16 x 256 x 680: 27 -> 14 ms; Intel VM, 2026-12-06)
-            return cpu_kernels.attention(q, k, v, keep, scale).astype(q.dtype)
+            return cpu_kernels.attention(q, k, v, keep, scale)  # float32 operands only
         return _normalize_last(q, k, v, mask4, bias4, scale)
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias4 is None else bias4.astype(q.dtype),
                                         scale=scale, implementation="cudnn")
@@ -264,7 +264,7 @@ class Attention(nn.Module):
                 raise ValueError("Attention with a KV cache needs cache_index (the slot of the first new token)")
             cache = cache.write(k, v, cache_index)
             if (t == 1 and mask is None and bias is None and not use_drop
-                    and cpu_kernels.wanted_decode_attention(q.dtype, cache.k.dtype, cache.v.dtype)):
+                    and cpu_kernels.wanted_attention(q.dtype, cache.k.dtype, cache.v.dtype)):
                 # one token per step: read only the slots written so far (0 .. cache_index)
                 out = cpu_kernels.decode_attention(q, cache.k, cache.v, jnp.asarray(cache_index, jnp.int32) + 1,
                                                    head_dim ** -0.5)

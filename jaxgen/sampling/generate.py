@@ -72,10 +72,16 @@ class Sampler:
         batch_size = self.batch_size(batch_size)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             # labels and key made as `generate` makes them (tiny): the same types, so the same cache entry
-            labels = jax.make_array_from_callback((batch_size,), self.label_sharding,
-                                                  lambda idx: np.zeros(batch_size, np.int32)[idx])
-            rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+            labels, rng = self._inputs(np.zeros(0, np.int32), batch_size, 0, 0)
             self._fn(batch_size).lower(params, frozen, labels, rng).compile()
+
+    def _inputs(self, chunk: np.ndarray, batch_size: int, seed: int, index: int):
+        """(labels sharded over 'batch', padded with class 0 to batch_size; the key of chunk `index`), under the
+        mesh context."""
+        padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)]) if len(chunk) < batch_size \
+            else chunk
+        labels = jax.make_array_from_callback((batch_size,), self.label_sharding, lambda idx: padded[idx])
+        return labels, jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
     def generate(self, params: Any, frozen: Any, labels: np.ndarray, seed: int, batch_size: int,
                  progress: bool = True, policy: Optional[Dict[str, Any]] = None, first_chunk: int = 0) -> np.ndarray:
@@ -97,10 +103,7 @@ class Sampler:
             for i in range(0, len(labels), batch_size):
                 chunk = labels[i:i + batch_size]
                 n = len(chunk)
-                padded = np.concatenate([chunk, np.zeros(batch_size - n, np.int32)]) if n < batch_size else chunk
-                glabels = jax.make_array_from_callback((batch_size,), self.label_sharding, lambda idx: padded[idx])
-                images = fn(params, frozen, glabels,
-                            jax.random.fold_in(jax.random.PRNGKey(seed), first_chunk + i // batch_size),
+                images = fn(params, frozen, *self._inputs(chunk, batch_size, seed, first_chunk + i // batch_size),
                             *extra)
                 images = multihost_utils.process_allgather(images, tiled=True)
                 out.append(to_uint8(np.asarray(images, np.float32))[:n])
