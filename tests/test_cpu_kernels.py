@@ -116,12 +116,13 @@ def test_builds_into_an_empty_cache(tmp_path, monkeypatch):
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("length", [1, 7, 20])
-def test_decode_attention_is_the_masked_full_cache_attention(length):
+@pytest.mark.parametrize("length,h", [(1, 24), (7, 24), (20, 24), (17, 64), (33, 64)])
+def test_decode_attention_is_the_masked_full_cache_attention(length, h):
+    """Lengths on and off the kernel's 16-slot vectors, head sizes with and without a scalar tail."""
     from jaxgen.nn.attention import dot_product_attention
 
     rng = np.random.default_rng(length)
-    b, n, s, h = 2, 3, 20, 24
+    b, n, s = 2, 3, 40
     q = jnp.asarray(rng.standard_normal((b, 1, n, h)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, n, s, h)), jnp.float32) for _ in range(2))
     got = jax.jit(lambda q, k, v, n: cpu_kernels.decode_attention(q, k, v, n, h ** -0.5))(q, k, v, length)

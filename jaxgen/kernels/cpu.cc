@@ -216,32 +216,54 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   float* op = out->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int parts = static_cast<int>(std::min<int64_t>(threads, pairs));
+  const int64_t len_pad = RoundUp(len, 16), h_vec = h - h % 16;
   RunParts(pool, parts, [=](int p) {
-    std::vector<float> weights(len);
+    std::vector<float> weights(len_pad);
     for (int64_t i = pairs * p / parts; i < pairs * (p + 1) / parts; ++i) {
       const float* qi = qp + i * h;  // (B, 1, N, H): pair i = b * N + n
       const float* ki = kp + i * slots * h;
       const float* vi = vp + i * slots * h;
-      float top = -std::numeric_limits<float>::infinity();
+      // q . k per slot: 16 lanes of products summed across H, then across lanes (a scalar sum over H would be one
+      // dependent chain of H additions per slot)
+      vf16 top16 = vf16{} - std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < len; ++s) {
+        const float* ks = ki + s * h;
+        vf16 acc = vf16{};
+        for (int64_t d = 0; d < h_vec; d += 16) acc += load16(qi + d) * load16(ks + d);
         float dot = 0.f;
-        for (int64_t d = 0; d < h; ++d) dot += qi[d] * ki[s * h + d];
+        for (int j = 0; j < 16; ++j) dot += acc[j];
+        for (int64_t d = h_vec; d < h; ++d) dot += qi[d] * ks[d];
         weights[s] = dot * scale;
-        top = std::max(top, weights[s]);
+      }
+      // padding logits -inf: ExpNonPositive makes them exactly 0
+      for (int64_t s = len; s < len_pad; ++s) weights[s] = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < len_pad; s += 16) {
+        const vf16 x = load16(weights.data() + s);
+        top16 = x > top16 ? x : top16;
+      }
+      float top = top16[0];
+      for (int j = 1; j < 16; ++j) top = std::max(top, top16[j]);
+      vf16 sum16 = vf16{};
+      for (int64_t s = 0; s < len_pad; s += 16) {
+        const vf16 e = ExpNonPositive(load16(weights.data() + s) - top);
+        store16(weights.data() + s, e);
+        sum16 += e;
       }
       float total = 0.f;
-      for (int64_t s = 0; s < len; ++s) {
-        weights[s] = std::exp(weights[s] - top);
-        total += weights[s];
-      }
-      float* oi = op + i * h;
-      for (int64_t d = 0; d < h; ++d) oi[d] = 0.f;
-      for (int64_t s = 0; s < len; ++s) {
-        const float w = weights[s];
-        for (int64_t d = 0; d < h; ++d) oi[d] += w * vi[s * h + d];
-      }
+      for (int j = 0; j < 16; ++j) total += sum16[j];
       const float inv = 1.f / total;
-      for (int64_t d = 0; d < h; ++d) oi[d] *= inv;
+      float* oi = op + i * h;
+      // weights x v: 16 columns of the output at a time kept in a register across all slots
+      for (int64_t d = 0; d < h_vec; d += 16) {
+        vf16 acc = vf16{};
+        for (int64_t s = 0; s < len; ++s) acc += weights[s] * load16(vi + s * h + d);
+        store16(oi + d, acc * inv);
+      }
+      for (int64_t d = h_vec; d < h; ++d) {
+        float acc = 0.f;
+        for (int64_t s = 0; s < len; ++s) acc += weights[s] * vi[s * h + d];
+        oi[d] = acc * inv;
+      }
     }
   });
   return ffi::Error::Success();
