@@ -233,4 +233,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from jaxgen.utils.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # as jaxgen.main does
     app.run(main)

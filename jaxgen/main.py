@@ -123,6 +123,9 @@ def main(argv, callbacks=()):
 
 def entry(callbacks=()):
     """The CLI; `callbacks` (objects with `on_step(trainer, step)`) reach the trainer, for scripts wrapping it."""
+    from jaxgen.utils.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # first: a re-exec (once) so glibc's allocator asks for 2 MB pages (see the module)
     app.run(functools.partial(main, callbacks=tuple(callbacks)), flags_parser=_parse)
 
 

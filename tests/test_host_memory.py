@@ -37,3 +37,43 @@ def test_freed_memory_is_reused_without_faults():
     applied, faults = _run({"JAXGEN_HOST_MALLOC": "system"})
     assert not applied and faults > 30000  # glibc's default: a fresh mmap, faulted in again
     assert _run({"MALLOC_ARENA_MAX": "2"})[0] is False  # the user's own malloc settings win
+
+
+def test_huge_pages_env_adds_glibcs_tunable_unless_it_does_not_apply(tmp_path, monkeypatch):
+    import platform
+
+    from jaxgen.utils import host_memory
+
+    thp = tmp_path / "enabled"
+    monkeypatch.setattr(host_memory, "THP_MODE", str(thp))
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    thp.write_text("always [madvise] never\n")
+    env = host_memory.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1", "PATH": "/bin"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1", "PATH": "/bin"}
+    assert host_memory.huge_pages_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert host_memory.huge_pages_env(env) is None  # set already: no second restart
+    assert host_memory.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's value wins
+    assert host_memory.huge_pages_env({"JAXGEN_HOST_MALLOC": "system"}) is None
+    thp.write_text("always madvise [never]\n")
+    assert host_memory.huge_pages_env({}) is None
+    thp.write_text("[always] madvise never\n")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.31"))  # no such tunable before 2.35
+    assert host_memory.huge_pages_env({}) is None
+
+
+def test_restart_re_executes_the_same_command_once_with_the_tunable():
+    from jaxgen.utils.host_memory import huge_pages_env
+
+    probe = ("import os, sys; print(os.environ.get('GLIBC_TUNABLES', '-'), sys.argv[1:]); "
+             "from jaxgen.utils.host_memory import restart_with_huge_pages; restart_with_huge_pages()")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXGEN_HOST_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", probe, "arg"], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    if huge_pages_env(env) is None:  # a machine without glibc >= 2.35 or with THP off: nothing to restart for
+        assert lines == ["- ['arg']"]
+    else:
+        assert lines == ["- ['arg']", "glibc.malloc.hugetlb=1 ['arg']"]
+    env["JAXGEN_HOST_MALLOC"] = "system"
+    out = subprocess.run([sys.executable, "-c", probe, "arg"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["- ['arg']"]

@@ -9,12 +9,20 @@ the same step has no faults: 14.1 -> 10.2 s (docs/benchmarks.md). The cost: the 
 `keep_freed_memory()` applies this through glibc's mallopt at start-up (before the XLA thread pools exist), the
 same as the environment MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e12. It does nothing on
 non-glibc systems, when the user set any MALLOC_* variable, or with JAXGEN_HOST_MALLOC=system.
+
+`restart_with_huge_pages()` re-executes the process once with glibc's tunable `glibc.malloc.hugetlb=1` (glibc >=
+2.35: the heap is madvised for transparent 2 MB pages as it grows; glibc reads tunables only at start-up, hence the
+re-exec). Why: sampling at small batch streams every weight (and the KV cache) once per token, and on 4 KB pages
+the TLB misses of that stream cost RAR-B's sampler ~10 % (12.0 -> 10.8 s per batch of 2) and VAR-d16's ~5 %
+(docs/benchmarks.md). `jaxgen.main` calls it first thing; the same opt-out, JAXGEN_HOST_MALLOC=system, or a
+GLIBC_TUNABLES that already names the tunable, leaves the process as it is.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import sys
 
 # glibc malloc.h
 M_TRIM_THRESHOLD = -1
@@ -23,6 +31,8 @@ M_ARENA_MAX = -8
 
 SETTINGS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
 OPT_OUT = "JAXGEN_HOST_MALLOC"
+HUGE_PAGES = "glibc.malloc.hugetlb"
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def keep_freed_memory() -> bool:
@@ -40,3 +50,36 @@ def keep_freed_memory() -> bool:
     # would not do: the RAR-B step frees more than 2 GB at the top of the heap)
     ok = [mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)]
     return all(r == 1 for r in ok)
+
+
+def huge_pages_env(environ=None):
+    """`environ` (default os.environ) with glibc's huge-page tunable added to GLIBC_TUNABLES, or None where it does
+    not apply: opted out, set already (to any value: the user's choice wins), not glibc >= 2.35 on Linux, or the
+    kernel's transparent huge pages off ('never')."""
+    environ = dict(os.environ if environ is None else environ)
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if environ.get(OPT_OUT, "") == "system" or HUGE_PAGES in tunables:
+        return None
+    libc, version = platform.libc_ver()
+    if platform.system() != "Linux" or libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+        return None
+    try:
+        with open(THP_MODE) as f:
+            if "[never]" in f.read():
+                return None
+    except OSError:
+        return None
+    environ["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{HUGE_PAGES}=1") if t)
+    return environ
+
+
+def restart_with_huge_pages() -> None:
+    """Re-execute this process (same interpreter and command line: `sys.orig_argv`) with `huge_pages_env()`; returns
+    without doing anything where that is None. Call it before any thread or file of the process matters (first
+    thing in a CLI): nothing before it survives."""
+    env = huge_pages_env()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
