@@ -252,3 +252,32 @@ def test_blas_opt_out(monkeypatch):
     monkeypatch.setenv(cpu_kernels.BLAS_OPT_OUT, "0")
     assert cpu_kernels.available() and not cpu_kernels.wanted_gemm(64, jnp.float32, jnp.float32)
     assert "JAXGEN_CPU_BLAS=0" in cpu_kernels._state["blas_why"]
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_top_k_values_are_lax_top_ks(k):
+    """Ties, -inf and signed zeros included; leading dims and vmap."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32).round(1)  # rounding makes ties
+    x[0, 0, :10] = -np.inf
+    x[1, 2] = 0.0
+    x[1, 2, ::3] = -0.0
+    x = jnp.asarray(x)
+    want = jax.lax.top_k(x, k)[0]
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.top_k_values, static_argnums=1)(x, k), want)
+    np.testing.assert_array_equal(jax.vmap(lambda r: cpu_kernels.top_k_values(r, k))(x), want)
+
+
+def test_sampling_filter_with_the_top_k_kernel_equals_xlas(monkeypatch):
+    from jaxgen.sampling import filtering
+
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((5, 300)).astype(np.float32).round(1))
+    calls = []
+    real = cpu_kernels.top_k_values
+    monkeypatch.setattr(cpu_kernels, "top_k_values", lambda x, k: calls.append(k) or real(x, k))
+    settings = [(20, 0.0), (20, 0.9), (0, 0.8), (300, 0.96)]
+    got = [filtering.top_k_top_p_filter(logits, k, p) for k, p in settings]
+    assert calls == [20, 20, 300, 300]
+    monkeypatch.setattr(cpu_kernels, "wanted_top_k", lambda dtype: False)
+    for (k, p), g in zip(settings, got):
+        np.testing.assert_array_equal(g, filtering.top_k_top_p_filter(logits, k, p))

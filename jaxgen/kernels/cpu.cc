@@ -3,6 +3,7 @@
 //   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
 //   JaxgenCpuAttention(+Backward): softmax(q k^T * scale) v for many queries per (batch, head), with a mask over
 //     keys only, and its gradients.
+//   JaxgenCpuTopKValues: the k largest values of each row, descending (lax.top_k's values) by selection, not sort.
 //   JaxgenCpuBlasGemm: y = op(x) @ op(w) through a CBLAS sgemm handed over by `JaxgenSetBlas` (numpy's OpenBLAS).
 //
 // At a few rows a matmul is bound by reading w once. The kernel reads w as one sequential stream per thread: the
@@ -264,6 +265,48 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         for (int64_t s = 0; s < len; ++s) acc += weights[s] * vi[s * h + d];
         oi[d] = acc * inv;
       }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out (..., k) = the k largest of x (..., V) per row, descending: lax.top_k's values. Per row an O(V) selection
+// (nth_element) and a sort of the k selected, on integer keys in IEEE total order (NaN above +inf, as XLA orders
+// them), instead of XLA:CPU's sort-based top_k over the whole row.
+inline int32_t OrderKey(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i < 0 ? i ^ 0x7fffffff : i;
+}
+
+inline float FromOrderKey(int32_t key) {
+  const int32_t i = key < 0 ? key ^ 0x7fffffff : key;
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+
+ffi::Error TopKValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() < 1 || xd.size() != od.size() || od.back() < 1 || od.back() > xd.back()) {
+    return ffi::Error::InvalidArgument("jaxgen_cpu_top_k_values: x (..., V) and out (..., k), 1 <= k <= V expected");
+  }
+  const int64_t v = xd.back(), k = od.back();
+  const int64_t rows = x.element_count() / v;
+  const float* xp = x.typed_data();
+  float* op = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  RunParts(pool, parts, [=](int p) {
+    std::vector<int32_t> keys(v);
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      const float* row = xp + r * v;
+      for (int64_t i = 0; i < v; ++i) keys[i] = OrderKey(row[i]);
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<int32_t>());
+      std::sort(keys.begin(), keys.begin() + k, std::greater<int32_t>());
+      float* o = op + r * k;
+      for (int64_t i = 0; i < k; ++i) o[i] = FromOrderKey(keys[i]);
     }
   });
   return ffi::Error::Success();
@@ -581,3 +624,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuTopKValues, TopKValues,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

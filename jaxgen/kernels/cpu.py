@@ -51,8 +51,8 @@ import numpy as np
 MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
 TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
            "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
-           "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm"}
-GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM = TARGETS
+           "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm", "jaxgen_cpu_top_k_values": "JaxgenCpuTopKValues"}
+GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
 BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
@@ -191,6 +191,19 @@ def wanted_attention(q_dtype, k_dtype, v_dtype) -> bool:
     """Whether an attention the kernels cover (`attention`: at most a per-key mask; `decode_attention`: one query
     over a KV cache) should use them (decided at trace time)."""
     return _cpu_f32(q_dtype, k_dtype, v_dtype) and available()
+
+
+def wanted_top_k(dtype) -> bool:
+    """Whether `top_k_values` should replace lax.top_k's values (decided at trace time)."""
+    return _cpu_f32(dtype) and available()
+
+
+def top_k_values(x: jax.Array, k: int) -> jax.Array:
+    """lax.top_k(x, k)[0] (the k largest of each row of x (..., V), descending) by a per-row selection: VAR-d16's
+    1,360 rows x 4,096 logits at k = 900 in ~0.04 s against lax.top_k's ~0.25 s. Call only where `wanted_top_k`."""
+    _require()
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (int(k),), jnp.float32)
+    return jax.ffi.ffi_call(TOP_K_VALUES, out, vmap_method="broadcast_all")(x)
 
 
 def _require():
