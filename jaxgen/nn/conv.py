@@ -7,6 +7,8 @@ mechanical. Norms, softmax and attention logits are computed in float32; convs a
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -128,11 +130,22 @@ class GroupNorm(nn.Module):
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
         x32 = x.astype(jnp.float32)
-        g = x32.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)  # spatial dims and channels within a group
-        mean = jnp.mean(g, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        # Statistics as per-channel sums over the spatial dims first (a reduction XLA:CPU vectorizes along the
+        # contiguous channels), then summed within each group: same two-pass mean / variance, other summation
+        # order. VAR's VQVAE decoder at 256 x 256 x 160: GN + SiLU 61 -> 35 ms each against reducing the
+        # interleaved (spatial, group channels) axes directly.
+        per_group = c // self.num_groups
+        spatial = tuple(range(1, x.ndim - 1))
+        count = per_group * math.prod(x.shape[1:-1])
+        channels_shape = (x.shape[0],) + (1,) * len(spatial) + (c,)
+
+        def group_total(channel_sums):  # (B, C) -> (B, 1.., C): its group's sum at every channel
+            groups = channel_sums.reshape(-1, self.num_groups, per_group).sum(-1)
+            return jnp.repeat(groups, per_group, axis=-1).reshape(channels_shape)
+
+        mean = group_total(jnp.sum(x32, axis=spatial)) / count
+        var = group_total(jnp.sum(jnp.square(x32 - mean), axis=spatial)) / count
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = y * self.param("scale", with_axes(ones, ("norm",)), (c,), self.param_dtype).astype(jnp.float32)
         y = y + self.param("bias", with_axes(zeros, ("norm",)), (c,), self.param_dtype).astype(jnp.float32)
         return y.astype(self.dtype)
