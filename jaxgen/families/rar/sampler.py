@@ -8,7 +8,8 @@ the logits of token t + 1. No top-k / top-p (official). The cache never grows, s
 The adaLN modulations depend only on (label, slot), not on the tokens: with `modulation_chunk` K > 1 an outer loop
 computes them for the next K slots in one batched matmul per block and the inner loop's K steps read those rows,
 so each token no longer streams the D x 6D modulation weights (a third of RAR's weights; decoding at small batch is
-bound by reading weights). Same numbers as computing them per step, up to matmul summation order.
+bound by reading weights). Same numbers as computing them per step, up to matmul summation order. The unconditional
+half's rows are all the null label: its modulations are computed for one row and broadcast (4 -> 3 rows at batch 2).
 """
 from __future__ import annotations
 
@@ -59,10 +60,15 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
         tokens, _, _ = decode_loop(lambda t, s, row: step(t, s, row["scale"]), state, seq, tables)
         return tokens
 
+    distinct_labels = jnp.concatenate([labels, labels_in[b:b + 1]]) if use_cfg else labels
+
     def chunk_step(j, state, row):
         first = j * chunk
-        mods = model.apply(variables, labels_in, first + PREFIX + jnp.arange(chunk),
+        mods = model.apply(variables, distinct_labels, first + PREFIX + jnp.arange(chunk),
                            method=RAR.block_modulations)
+        if use_cfg:  # the unconditional half is one row (the null label) repeated: computed once, then broadcast
+            mods = jax.tree_util.tree_map(
+                lambda m: jnp.concatenate([m[:b], jnp.broadcast_to(m[b:], (b,) + m.shape[1:])]), mods)
 
         def inner(k, s, r):
             mod_k = jax.tree_util.tree_map(lambda m: jax.lax.dynamic_slice_in_dim(m, k, 1, axis=1), mods)
