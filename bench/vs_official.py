@@ -15,10 +15,12 @@ the compiled program where it has no loops (VAR sampling, train steps). Rows who
 cap rounds / reps / warmup (LONG below), which the table records.
 
 Both children run with the same environment. By default that includes the glibc malloc settings jaxgen applies to
-itself at start-up (jaxgen/utils/host_memory.py: one arena, no mmap for large blocks, no trimming, and glibc's
-tunable for transparent 2 MB pages), so the official code gets them too: otherwise both re-fault their multi-GB
-per-step temporaries every step, which on VMs whose balloon driver reports free pages to the host (this one) costs
-~2 us/KB. --malloc=default gives both glibc's defaults (jaxgen's child then gets JAXGEN_HOST_MALLOC=system).
+itself at start-up (jaxgen/utils/host_memory.py: one arena, no mmap for large blocks, no trimming), so the official
+code gets them too: otherwise both re-fault their multi-GB per-step temporaries every step, which on VMs whose
+balloon driver reports free pages to the host (this one) costs ~2 us/KB. --malloc=default gives both glibc's
+defaults (jaxgen's child then gets JAXGEN_HOST_MALLOC=system). Not shared: glibc's huge-page tunable, with which
+jaxgen's child restarts itself (`restart_with_huge_pages`, as jaxgen.main does): given to the official code it made
+it slower (MAR-B train step 8.6 -> 12.2 s, 64-step MAR-B sampling 173 -> 185 s; docs/benchmarks.md).
 
 On a GPU (both sides on the same device; the official side through bench/official_gpu.py, which builds the same
 official models with the anchor's builders and runs them under torch.autocast):
@@ -83,14 +85,12 @@ LONG = {"mar_b_sample_iter64": (1, 1, 0), "mar_b_sample_iter256": (1, 1, 0)}
 
 sys.path.insert(0, REPO)
 from jaxgen.utils.host_memory import SETTINGS as KEEP_FREED_MEMORY  # noqa: E402
-from jaxgen.utils.host_memory import huge_pages_env  # noqa: E402
 
 
 def _child_env(args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     if args.malloc == "keep":
         env.update(KEEP_FREED_MEMORY)
-        env = huge_pages_env(env) or env  # jaxgen's child would restart itself with it; the official one gets it too
     else:
         env["JAXGEN_HOST_MALLOC"] = "system"
     if args.device != "cpu":
