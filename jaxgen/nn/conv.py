@@ -132,7 +132,7 @@ class GroupNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         # Statistics as per-channel sums over the spatial dims first (a reduction XLA:CPU vectorizes along the
         # contiguous channels), then summed within each group: same two-pass mean / variance, other summation
-        # order. VAR's VQVAE decoder at 256 x 256 x 160: GN + SiLU 61 -> 35 ms each against reducing the
+        # order. GN + SiLU at 2 x 256 x 256 x 128 (a VQVAE decoder's top level): 61 -> 35 ms against reducing the
         # interleaved (spatial, group channels) axes directly.
         per_group = c // self.num_groups
         spatial = tuple(range(1, x.ndim - 1))
