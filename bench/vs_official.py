@@ -20,7 +20,7 @@ code gets them too: otherwise both re-fault their multi-GB per-step temporaries 
 balloon driver reports free pages to the host (this one) costs ~2 us/KB. --malloc=default gives both glibc's
 defaults (jaxgen's child then gets JAXGEN_HOST_MALLOC=system). Not shared: glibc's huge-page tunable, with which
 jaxgen's child restarts itself (`restart_with_huge_pages`, as jaxgen.main does): given to the official code it made
-it slower (MAR-B train step 8.6 -> 12.2 s, 64-step MAR-B sampling 173 -> 185 s; docs/benchmarks.md).
+it slower (MAR-B train step 8.0 -> 12.2 s in the same night; docs/benchmarks.md).
 
 On a GPU (both sides on the same device; the official side through bench/official_gpu.py, which builds the same
 official models with the anchor's builders and runs them under torch.autocast):
