@@ -81,6 +81,7 @@ def bench_train(config):
     import jax
     from jaxgen.parallel import sharding as sh
     from jaxgen.train.trainer import Trainer
+    from jaxgen.utils.host_memory import release_free_memory
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, frozen=_random_frozen(config))
@@ -92,6 +93,7 @@ def bench_train(config):
             compile_s = time.time() - t0
             rss_compiled = _peak_rss_mb()
             flops = _flops_of(compiled)
+            release_free_memory()  # as the trainer does after its first call (which compiles)
             state, m = compiled(trainer.state, batch, trainer.frozen)
             jax.block_until_ready(m)
             times = []
@@ -149,6 +151,7 @@ def bench_sample(config):
     from jaxgen import pipeline
     from jaxgen.train import restore
     from jaxgen.train.restore import replicate
+    from jaxgen.utils.host_memory import release_free_memory
 
     family = families.build(config)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -174,8 +177,11 @@ def bench_sample(config):
         compiled = fn.lower(abstract, abstract_frozen, labels, jax.random.PRNGKey(0)).compile()
         compile_s = time.time() - t0
         rss_compiled = _peak_rss_mb()
+        release_free_memory()  # as `Sampler.precompile` does
         params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
         frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
+        jax.block_until_ready((params, frozen))
+        release_free_memory()  # as `pipeline.load_for_sampling` does after loading
         for _ in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
         times = []

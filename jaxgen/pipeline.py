@@ -19,6 +19,7 @@ from jaxgen import families, preflight
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.parallel import sharding as sh
 from jaxgen.train import export, restore
+from jaxgen.utils.host_memory import release_free_memory
 
 MODES = ("train", "sample", "eval", "cache", "search", "reference")
 
@@ -234,6 +235,7 @@ def load_for_sampling(config, workdir: str, mode: str = "sample", with_source: b
             config.sample.batch_size)
     params, where = restore.load_params(config, workdir, family, mesh, prefer_ema=config.sample.use_ema)
     frozen = load_frozen(config, family, workdir, mesh)
+    release_free_memory()  # the loaders' temporaries, before the sampler's first call settles the peak
     return (family, params, frozen, mesh, where) if with_source else (family, params, frozen, mesh)
 
 

@@ -1,5 +1,6 @@
 """jaxgen.utils.host_memory: with the settings applied, memory freed by the process is reused without page faults
-(what keeps XLA:CPU's per-step temporaries resident); the opt-outs leave glibc's defaults alone."""
+(what keeps XLA:CPU's per-step temporaries resident); the opt-outs leave glibc's defaults alone; a release hands a
+freed hole back at once."""
 import os
 import subprocess
 import sys
@@ -37,6 +38,33 @@ def test_freed_memory_is_reused_without_faults():
     applied, faults = _run({"JAXGEN_HOST_MALLOC": "system"})
     assert not applied and faults > 30000  # glibc's default: a fresh mmap, faulted in again
     assert _run({"MALLOC_ARENA_MAX": "2"})[0] is False  # the user's own malloc settings win
+
+
+_RELEASE_PROBE = textwrap.dedent("""
+    import ctypes
+    from jaxgen.utils.host_memory import keep_freed_memory, release_free_memory
+    keep_freed_memory()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    def rss_mb():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+    big = libc.malloc(256 << 20)  # a compiler's working memory, say
+    ctypes.memset(big, 1, 256 << 20)
+    pin = libc.malloc(1 << 20)  # a live block above it: the freed one is a hole, not the heap's top
+    ctypes.memset(pin, 1, 1 << 20)
+    libc.free(big)
+    kept = rss_mb()
+    released = release_free_memory()
+    print(released, kept - rss_mb())
+""")
+
+
+def test_release_free_memory_returns_a_hole_below_live_blocks():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAXGEN_HOST_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True, text=True, check=True)
+    released, dropped_mb = out.stdout.split()
+    assert released == "True" and int(dropped_mb) > 200  # kept resident by keep_freed_memory until released
 
 
 def test_huge_pages_env_adds_glibcs_tunable_unless_it_does_not_apply(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import sharding as sh
+from jaxgen.utils.host_memory import release_free_memory
 from jaxgen.utils.images import make_grid, save_png, to_uint8
 
 
@@ -66,14 +67,14 @@ class Sampler:
     def precompile(self, params: Any, frozen: Any, batch_size: int) -> None:
         """Compile `family.sample` for `batch_size` from params / frozen that may be abstract (ShapeDtypeStructs with
         their shardings, e.g. `restore.abstract_params`): done before the weights are loaded, XLA's compile-time
-        working memory is free again when they arrive (whether the process hands it back is the host allocator's
-        choice: with `keep_freed_memory` it stays, and VAR-d16's sampling peak hardly moved, docs/benchmarks.md).
+        working memory is handed back (`release_free_memory`) before they arrive, so the peak does not carry both.
         `generate` with the real arrays then finds the executable in jax's cache."""
         batch_size = self.batch_size(batch_size)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             # labels and key made as `generate` makes them (tiny): the same types, so the same cache entry
             labels, rng = self._inputs(np.zeros(0, np.int32), batch_size, 0, 0)
             self._fn(batch_size).lower(params, frozen, labels, rng).compile()
+        release_free_memory()
 
     def _inputs(self, chunk: np.ndarray, batch_size: int, seed: int, index: int):
         """(labels sharded over 'batch', padded with class 0 to batch_size; the key of chunk `index`), under the

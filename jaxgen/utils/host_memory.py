@@ -10,6 +10,13 @@ the same step has no faults: 14.1 -> 10.2 s (docs/benchmarks.md). The cost: the 
 same as the environment MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e12. It does nothing on
 non-glibc systems, when the user set any MALLOC_* variable, or with JAXGEN_HOST_MALLOC=system.
 
+`release_free_memory()` hands the free pages inside the heap back once, at a phase boundary (after compiling, after
+loading weights, after a run's first step): glibc's malloc_trim(0) returns every whole free page, not only the top.
+Why: with no trimming, XLA's compile-time working memory (~650 MB for VAR-d16's sampler) stays resident as holes
+too scattered for the weights to reuse, so the weights land above it and the peak carries both: VAR-d16 sampling
+3.23 -> 2.58 GB with the two trims of jaxgen.pipeline (docs/benchmarks.md). Steady-state loops keep their memory:
+the pages come back once, on their next use.
+
 `restart_with_huge_pages()` re-executes the process once with glibc's tunable `glibc.malloc.hugetlb=1` (glibc >=
 2.35: the heap is madvised for transparent 2 MB pages as it grows; glibc reads tunables only at start-up, hence the
 re-exec). Why: sampling at small batch streams every weight (and the KV cache) once per token, and on 4 KB pages
@@ -50,6 +57,18 @@ def keep_freed_memory() -> bool:
     # would not do: the RAR-B step frees more than 2 GB at the top of the heap)
     ok = [mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)]
     return all(r == 1 for r in ok)
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the kernel now (glibc malloc_trim(0)); True when some were. A no-op elsewhere."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
 
 
 def huge_pages_env(environ=None):
