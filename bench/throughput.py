@@ -182,8 +182,10 @@ def bench_sample(config):
         frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
         jax.block_until_ready((params, frozen))
         release_free_memory()  # as `pipeline.load_for_sampling` does after loading
-        for _ in range(FLAGS.warmup):
+        for w in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
+            if w == 0:
+                release_free_memory()  # as `Sampler.generate` does after its first batch
         times = []
         for i in range(FLAGS.repeats):
             t0 = time.time()
