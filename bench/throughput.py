@@ -81,7 +81,6 @@ def bench_train(config):
     import jax
     from jaxgen.parallel import sharding as sh
     from jaxgen.train.trainer import Trainer
-    from jaxgen.utils.host_memory import release_free_memory
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, frozen=_random_frozen(config))
@@ -93,7 +92,6 @@ def bench_train(config):
             compile_s = time.time() - t0
             rss_compiled = _peak_rss_mb()
             flops = _flops_of(compiled)
-            release_free_memory()  # as the trainer does after its first call (which compiles)
             state, m = compiled(trainer.state, batch, trainer.frozen)
             jax.block_until_ready(m)
             times = []

@@ -25,7 +25,6 @@ from jaxgen.train import checkpoint as ckpt_lib
 from jaxgen.train import restore
 from jaxgen.train.logger import RunLogger, count_params, parameter_overview
 from jaxgen.train.step import make_train_step
-from jaxgen.utils.host_memory import release_free_memory
 
 
 class NonFiniteError(UserError):
@@ -159,8 +158,6 @@ class Trainer:
                     self.state, metrics = step_fn(self.state, batch, self.frozen)
                     pending.append(metrics)
                     step += 1
-                    if step == start + 1:
-                        release_free_memory()  # the compiler's working memory (the first call compiled the step)
                     for callback in callbacks:
                         callback.on_step(self, step)
                     last = step == config.total_steps

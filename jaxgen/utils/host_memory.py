@@ -10,12 +10,14 @@ the same step has no faults: 14.1 -> 10.2 s (docs/benchmarks.md). The cost: the 
 same as the environment MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e12. It does nothing on
 non-glibc systems, when the user set any MALLOC_* variable, or with JAXGEN_HOST_MALLOC=system.
 
-`release_free_memory()` hands the free pages inside the heap back once, at a phase boundary (after compiling, after
-loading weights, after a run's first step): glibc's malloc_trim(0) returns every whole free page, not only the top.
+`release_free_memory()` hands the free pages inside the heap back once, at a sampling job's phase boundaries (after
+compiling, after loading weights, after the first batch): glibc's malloc_trim(0) returns every whole free page, not
+only the top.
 Why: with no trimming, XLA's compile-time working memory (~650 MB for VAR-d16's sampler) stays resident as holes
 too scattered for the weights to reuse, so the weights land above it and the peak carries both: VAR-d16 sampling
-3.23 -> 2.58 GB with the two trims of jaxgen.pipeline (docs/benchmarks.md). Steady-state loops keep their memory:
-the pages come back once, on their next use.
+3.03 -> 2.61-2.66 GB (docs/benchmarks.md). Steady-state loops keep their memory: the pages come back once, on
+their next use, but as 4 KB pages where they had been 2 MB ones. Training does not trim (its per-step temporaries
+would lose their 2 MB pages; an A/B on the tiny tokenizer step was inside this VM's noise either way).
 
 `restart_with_huge_pages()` re-executes the process once with glibc's tunable `glibc.malloc.hugetlb=1` (glibc >=
 2.35: the heap is madvised for transparent 2 MB pages as it grows; glibc reads tunables only at start-up, hence the
