@@ -44,17 +44,25 @@ HUGE_PAGES = "glibc.malloc.hugetlb"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def _glibc(symbol: str, argtypes):
+    """glibc's function `symbol` in this process (argument types set), or None off Linux / glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), symbol)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings above to this process; True when applied. Call before jax creates its CPU client."""
     if os.environ.get(OPT_OUT, "") == "system" or any(k.startswith("MALLOC_") for k in os.environ):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # mallopt takes an int; glibc stores the trim threshold as size_t, so -1 is SIZE_MAX: never trim (2**31 - 1
     # would not do: the RAR-B step frees more than 2 GB at the top of the heap)
     ok = [mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)]
@@ -63,14 +71,8 @@ def keep_freed_memory() -> bool:
 
 def release_free_memory() -> bool:
     """Return the heap's free pages to the kernel now (glibc malloc_trim(0)); True when some were. A no-op elsewhere."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return bool(trim(0)) if trim is not None else False
 
 
 def huge_pages_env(environ=None):
