@@ -188,7 +188,8 @@ def _periodic_sampler(config, workdir, family, trainer):
     from jaxgen import sampling
     from jaxgen.utils.images import save_png
 
-    sampler = sampling.Sampler(family, trainer.mesh, trainer.rules)  # compiled at the first grid, reused after
+    # compiled at the first grid, reused after; the training steps' memory stays as it is
+    sampler = sampling.Sampler(family, trainer.mesh, trainer.rules, hand_back_memory=False)
 
     def on_sample(trainer, step, logger):
         params = trainer.state.ema_params if (config.sample.use_ema and trainer.state.ema_params is not None) \

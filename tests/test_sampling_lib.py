@@ -47,12 +47,18 @@ def test_decode_loop_traces_one_step_and_reads_its_table_row():
     assert float(out) == 1 * 1 + 10 * 2 + 100 * 3 and len(traces) == 1
 
 
-def test_precompiled_sampler_is_what_generate_runs():
+def test_precompiled_sampler_is_what_generate_runs(monkeypatch):
     """`Sampler.precompile` from abstract params (before any weights exist, as sample / eval do) compiles the
-    program `generate` then runs: no second compilation."""
+    program `generate` then runs: no second compilation. Memory is handed back after compiling and once after the
+    first batch, never by a sampler made with hand_back_memory=False (training's periodic grids)."""
     from jax import monitoring
 
     from jaxgen import families, pipeline, sampling
+    import sys
+
+    generate_lib = sys.modules["jaxgen.sampling.generate"]  # the package re-exports a function of that name
+    hand_backs = []
+    monkeypatch.setattr(generate_lib, "release_free_memory", lambda: hand_backs.append(1))
     from jaxgen.parallel import mesh as mesh_lib
     from jaxgen.parallel import sharding as sh
     from jaxgen.train import restore
@@ -68,11 +74,16 @@ def test_precompiled_sampler_is_what_generate_runs():
     sampler.precompile(restore.abstract_params(family, mesh, config.mesh.rules), pipeline.abstract_frozen(family, mesh),
                        4)
     assert compiles, "precompile compiled nothing"
+    assert len(hand_backs) == 1
     params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, sh.rules_tuple(config.mesh.rules))
     frozen = {"tokenizer": restore.replicate(sh.unbox(jax.jit(family.tokenizer.init)(jax.random.PRNGKey(1))), mesh)}
     compiles.clear()
-    images = sampling.Sampler(family, mesh, config.mesh.rules).generate(params, frozen, np.arange(4) % 10, 0, 4,
+    images = sampling.Sampler(family, mesh, config.mesh.rules).generate(params, frozen, np.arange(8) % 10, 0, 4,
                                                                         progress=False)
     listening[0] = False
-    assert images.shape[0] == 4
+    assert images.shape[0] == 8
     assert not compiles, compiles
+    assert len(hand_backs) == 2  # once for two batches
+    sampling.Sampler(family, mesh, config.mesh.rules, hand_back_memory=False).generate(
+        params, frozen, np.arange(4) % 10, 0, 4, progress=False)
+    assert len(hand_backs) == 2

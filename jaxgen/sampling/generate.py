@@ -41,10 +41,13 @@ class Sampler:
     """`family.sample` jitted once per batch size over the mesh (labels sharded over 'batch'); periodic sampling
     during training reuses the same compiled program."""
 
-    def __init__(self, family, mesh, rules):
+    def __init__(self, family, mesh, rules, hand_back_memory: bool = True):
+        """`hand_back_memory`: hand the heap's free pages back once, after the first batch (`release_free_memory`);
+        False inside a training run, whose per-step temporaries would otherwise come back as 4 KB pages."""
         self.family = family
         self.mesh = mesh
         self.rules = sh.rules_tuple(rules)
+        self.hand_back_memory = hand_back_memory
         self.data_parallel = max(1, mesh_lib.data_parallel_size(mesh, self.rules))
         self.label_sharding = sh.batch_sharding(mesh, self.rules, 1)
         self._compiled: Dict[Any, Callable] = _JITTED.setdefault(family, {})
@@ -108,9 +111,10 @@ class Sampler:
                             *extra)
                 images = multihost_utils.process_allgather(images, tiled=True)
                 out.append(to_uint8(np.asarray(images, np.float32))[:n])
-                if i == 0:
+                if self.hand_back_memory:
                     # the first call's temporaries may sit in a hole that small blocks then split, so the next call
                     # places them anew: handing the old pages back keeps the peak at the first call's
+                    self.hand_back_memory = False
                     release_free_memory()
                 if shown is not None:
                     shown.update(i + n)
