@@ -1,4 +1,6 @@
 """The shared decoding pieces (jaxgen/sampling): CFG rules and schedules, mask-ratio functions, the decode loop."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,6 @@ def test_precompiled_sampler_is_what_generate_runs(monkeypatch):
     from jax import monitoring
 
     from jaxgen import families, pipeline, sampling
-    import sys
 
     generate_lib = sys.modules["jaxgen.sampling.generate"]  # the package re-exports a function of that name
     hand_backs = []

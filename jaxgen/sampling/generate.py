@@ -42,12 +42,14 @@ class Sampler:
     during training reuses the same compiled program."""
 
     def __init__(self, family, mesh, rules, hand_back_memory: bool = True):
-        """`hand_back_memory`: hand the heap's free pages back once, after the first batch (`release_free_memory`);
-        False inside a training run, whose per-step temporaries would otherwise come back as 4 KB pages."""
+        """`hand_back_memory`: hand the heap's free pages back after `precompile` and once after the first batch
+        (`release_free_memory`); False inside a training run, whose per-step temporaries would otherwise come back
+        as 4 KB pages."""
         self.family = family
         self.mesh = mesh
         self.rules = sh.rules_tuple(rules)
         self.hand_back_memory = hand_back_memory
+        self._first_batch_pending = hand_back_memory  # the after-first-batch hand-back is still to do
         self.data_parallel = max(1, mesh_lib.data_parallel_size(mesh, self.rules))
         self.label_sharding = sh.batch_sharding(mesh, self.rules, 1)
         self._compiled: Dict[Any, Callable] = _JITTED.setdefault(family, {})
@@ -77,7 +79,8 @@ class Sampler:
             # labels and key made as `generate` makes them (tiny): the same types, so the same cache entry
             labels, rng = self._inputs(np.zeros(0, np.int32), batch_size, 0, 0)
             self._fn(batch_size).lower(params, frozen, labels, rng).compile()
-        release_free_memory()
+        if self.hand_back_memory:
+            release_free_memory()
 
     def _inputs(self, chunk: np.ndarray, batch_size: int, seed: int, index: int):
         """(labels sharded over 'batch', padded with class 0 to batch_size; the key of chunk `index`), under the
@@ -111,10 +114,10 @@ class Sampler:
                             *extra)
                 images = multihost_utils.process_allgather(images, tiled=True)
                 out.append(to_uint8(np.asarray(images, np.float32))[:n])
-                if self.hand_back_memory:
+                if self._first_batch_pending:
                     # the first call's temporaries may sit in a hole that small blocks then split, so the next call
                     # places them anew: handing the old pages back keeps the peak at the first call's
-                    self.hand_back_memory = False
+                    self._first_batch_pending = False
                     release_free_memory()
                 if shown is not None:
                     shown.update(i + n)
