@@ -1,10 +1,10 @@
-"""jaxgen.sampling.buckets.size_buckets: optimal padded sizes for per-step work counts."""
+"""jaxgen.sampling.buckets: optimal padded sizes for per-step work counts; equal chunks within a byte budget."""
 import itertools
 
 import numpy as np
 import pytest
 
-from jaxgen.sampling.buckets import size_buckets
+from jaxgen.sampling.buckets import chunk_within_budget, size_buckets
 
 
 def _brute_force(counts, max_buckets, cost):
@@ -42,3 +42,14 @@ def test_exact_with_enough_buckets_and_errors():
         size_buckets(counts, 0)
     with pytest.raises(ValueError, match="non-empty"):
         size_buckets([], 2)
+
+
+def test_chunk_within_budget_is_the_largest_fitting_divisor():
+    # RAR-B at batch 2: 256 slots of 1.33 MB modulations each
+    per_slot = 3 * 24 * 6 * 768 * 4
+    assert chunk_within_budget(256, per_slot, 96 << 20) == 64
+    assert chunk_within_budget(256, per_slot, 64 << 20) == 32
+    assert chunk_within_budget(100, 10, 999) == 50  # 99 items fit, 50 is the largest divisor of 100 up to 99
+    assert chunk_within_budget(7, 10, 69) == 1  # a prime: one item per chunk
+    assert chunk_within_budget(9, 10, 5) == 1  # not even one item fits: still 1 (the caller's per-step path)
+    assert chunk_within_budget(9, 0, 0) == 9

@@ -1,5 +1,5 @@
 """jaxgen's CPU kernels (jaxgen/kernels/cpu.cc): built on this machine; the few-row matmul against a float64
-reference for every row count and ragged sizes, its gradients and the Dense dispatch; the KV-cache decode attention
+reference for every row count and ragged sizes, concurrent callers, its gradients and the Dense dispatch; the KV-cache decode attention
 against the masked full-cache attention and the Attention dispatch; the many-query attention (key masks, ragged
 sizes, the backward kernel); the BLAS matmul (transposes, gradients, Dense dispatch); the fallback
 without kernels."""
@@ -28,6 +28,27 @@ def test_product_matches_float64(rows, k, n):
     got = np.asarray(jax.jit(cpu_kernels.matmul)(x, w))
     ref = x.astype(np.float64) @ w.astype(np.float64)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_concurrent_callers_share_the_decode_helpers_correctly():
+    # the kernels' own spinning helpers take one caller's job at a time; a concurrent caller (here: two Python
+    # threads running jitted decode-sized products) falls back to XLA's pool. Every result must stay exact.
+    import concurrent.futures
+
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((4, 768)).astype(np.float32) for _ in range(2)]
+    ws = [rng.standard_normal((768, 512)).astype(np.float32) for _ in range(2)]
+    refs = [x.astype(np.float64) @ w.astype(np.float64) for x, w in zip(xs, ws)]
+    chain = jax.jit(lambda x, w: [cpu_kernels.matmul(x * float(i + 1), w) for i in range(20)])  # 20 distinct calls
+
+    def run(i):
+        return [np.asarray(y) for y in chain(xs[i], ws[i])]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            for i, outs in enumerate(pool.map(run, [0, 1])):
+                for scale, y in enumerate(outs, 1):
+                    np.testing.assert_allclose(y, scale * refs[i], rtol=1e-5, atol=scale * 1e-4 * np.sqrt(768))
 
 
 def test_gradients_are_the_plain_matmul_ones():

@@ -84,12 +84,16 @@ def test_official_weight_decay_rule(family, params):
         assert not flat[name], name
 
 
-@pytest.mark.parametrize("modulation_chunk", [1, 3, 16])  # per step; 3 chunks of 3 slots; one chunk of all 9
-def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, monkeypatch, modulation_chunk):
+@pytest.mark.parametrize("slots_in_budget", [0.5, 1, 4, 9])  # per step (twice: no room, one slot); 3 x 3; all 9
+def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, monkeypatch, slots_in_budget):
     """Greedy draws: the fixed-size-cache loop gives the tokens of re-running the whole prefix every step, with the
     power-cosine guidance scale of each step, whether the adaLN modulations are computed per step or ahead for a
-    chunk of slots; the step body is traced once."""
+    chunk of slots (as many as fit the byte budget, a divisor of L); the step body is traced once."""
     traces = []
+    per_slot = sampler_mod.modulation_bytes_per_slot(family.model, params, jnp.array([1, 7, 10], jnp.int32))
+    model = family.model
+    assert per_slot == 3 * model.depth * 6 * model.hidden_size * 4  # 3 distinct rows, f32
+    budget = int(slots_in_budget * per_slot)
 
     def greedy(rng, logits, top_k=0, top_p=0.0, temperature=1.0):
         traces.append(1)
@@ -99,7 +103,7 @@ def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, mo
     labels = jnp.array([1, 7], jnp.int32)
     g, pw = 3.0, 1.5
     cached = jax.jit(lambda p, l: sampler_mod.generate_tokens(family.model, p, l, jax.random.PRNGKey(0), g, pw,
-                                                              modulation_chunk=modulation_chunk))(params, labels)
+                                                              modulation_bytes=budget))(params, labels)
     assert len(traces) == 1
     model, seq, null = family.model, family.model.image_seq_len, family.model.null_label
     labels2 = jnp.concatenate([labels, jnp.full_like(labels, null)])

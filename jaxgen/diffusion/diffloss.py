@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.diffusion.gaussian import GaussianDiffusion
+from jaxgen.sampling.buckets import chunk_within_budget
 
 Net = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -43,9 +44,7 @@ def modulation_bytes_per_step(net: EmbeddedDenoiser, cond: jax.Array) -> int:
 def modulation_chunk(net: EmbeddedDenoiser, cond: jax.Array, steps: int, modulation_bytes: int) -> int:
     """DDPM steps whose `modulate` outputs are computed together: the largest divisor of `steps` whose outputs for
     all rows fit in `modulation_bytes` (at least 1: per step)."""
-    per_step = modulation_bytes_per_step(net, cond)
-    fits = [d for d in range(1, steps + 1) if steps % d == 0 and d * per_step <= modulation_bytes]
-    return max(fits, default=1)
+    return chunk_within_budget(steps, modulation_bytes_per_step(net, cond), modulation_bytes)
 
 
 def diffloss_loss(net: Net, target, z, mask: Optional[jax.Array], rng: Optional[jax.Array],

@@ -6,7 +6,10 @@ matmuls through numpy's OpenBLAS. All are used on the CPU backend with one devic
 decode: 4 rows, 680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
 11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; the kernel splits the weight rows
 into one contiguous part per thread and reads them at ~22 GB/s (a chain of RAR-B-sized f32 kernels at 4 rows,
-2026-12-06). Same product up to float32 summation order.
+2026-12-06). Same product up to float32 summation order. `matmul` and `decode_attention` hand their second part to
+the kernels' own helper threads, which spin ~200 us after each job before sleeping: a decode step makes ~100 such
+calls per token, and waking one of XLA's pool threads for each cost ~15-25 us of a 0.1-0.4 ms call (RAR-B's
+sampler: 11.5 -> 10.6 s per batch of 2, alternated in one process, 2026-12-06).
 
 `Dense` calls `matmul` when `wanted(rows, ...)`: the CPU backend with one device, float32 operands, at most
 MAX_ROWS rows, and the kernels built. They are compiled from `cpu.cc` on first use with the system C++

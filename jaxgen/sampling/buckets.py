@@ -50,3 +50,13 @@ def size_buckets(counts: Sequence[int], max_buckets: int,
     sizes = tuple(sorted(sizes))
     branch = np.searchsorted(np.asarray(sizes), counts, side="left").astype(np.int32)
     return sizes, branch
+
+
+def chunk_within_budget(n: int, item_bytes: int, budget_bytes: int) -> int:
+    """The largest divisor d of n whose d items fit in budget_bytes (d * item_bytes <= budget_bytes), at least 1.
+
+    For loops that precompute per-item tables a chunk at a time (adaLN modulations of several DDPM steps or
+    decode slots): equal chunks keep one static shape, and the budget bounds the memory they hold.
+    """
+    fits = [d for d in range(1, int(n) + 1) if n % d == 0 and d * int(item_bytes) <= int(budget_bytes)]
+    return max(fits, default=1)

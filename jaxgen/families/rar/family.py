@@ -7,7 +7,7 @@ Config read:
   config.loss    randomize_start / randomize_end: the probability r of a random order is 1 before randomize_start,
                  0 after randomize_end, linear between (official: 125k / 187.5k of 250k steps); r is logged
   config.sample  guidance_scale, guidance_scale_pow (power-cosine schedule; pow 0 = constant), temperature,
-                 modulation_chunk (speed: adaLN modulations computed for this many slots at once)
+                 modulation_mb (speed: room for the adaLN modulations of the decode slots computed at once)
   config.tokenizer.config  the MaskGIT-VQGAN tokenizer's run config; with data.cache batches hold its 'indices'
                  (the official code pre-tokenizes), otherwise it encodes each batch inside the loss
 """
@@ -45,8 +45,8 @@ class RARSample:
     guidance_scale: float = 16.0
     guidance_scale_pow: float = 2.75
     temperature: float = 1.0  # official randomize_temperature
-    # speed only: slots whose adaLN modulations one matmul computes ahead (see rar/sampler.py); <= 1 per step
-    modulation_chunk: int = 16
+    # speed only: MB for the adaLN modulations of the slots one matmul computes ahead (see rar/sampler.py)
+    modulation_mb: int = 96
 
 
 def random_order_ratio(step, start: int, end: int) -> jax.Array:
@@ -116,7 +116,7 @@ class RARFamily(Family):
         s = dataclasses.asdict(self.sample_settings)
         s.update(policy or {})
         return generate_tokens(self.model, params, labels, rng, s["guidance_scale"], s["guidance_scale_pow"],
-                               s["temperature"], self.sample_settings.modulation_chunk)
+                               s["temperature"], self.sample_settings.modulation_mb << 20)
 
     def sample_with_policy(self, params: Params, frozen: Any, labels: jax.Array, rng: jax.Array, policy) -> jax.Array:
         tokens = self.sample_tokens(params, labels, rng, policy)

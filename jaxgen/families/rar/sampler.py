@@ -5,11 +5,15 @@ mixes them with the power-cosine guidance scale of t (`jaxgen.sampling.guidance.
 temperature and draws token t, then `decode_step` writes it into slot t + 2 of the FIXED-size KV cache and returns
 the logits of token t + 1. No top-k / top-p (official). The cache never grows, so `decode_loop` traces the step once.
 
-The adaLN modulations depend only on (label, slot), not on the tokens: with `modulation_chunk` K > 1 an outer loop
-computes them for the next K slots in one batched matmul per block and the inner loop's K steps read those rows,
-so each token no longer streams the D x 6D modulation weights (a third of RAR's weights; decoding at small batch is
-bound by reading weights). Same numbers as computing them per step, up to matmul summation order. The unconditional
-half's rows are all the null label: its modulations are computed for one row and broadcast (4 -> 3 rows at batch 2).
+The adaLN modulations depend only on (label, slot), not on the tokens: an outer loop computes them for the next K
+slots in one batched matmul per block and the inner loop's K steps read those rows, so each token no longer streams
+the D x 6D modulation weights (a third of RAR's weights; decoding at small batch is bound by reading weights). K is
+the largest divisor of L whose modulations fit in `modulation_bytes` (RAR-B at batch 2: 1.3 MB per slot, K = 64 in
+96 MB; at batch 125 no chunk fits and each step computes its own, which costs nothing extra there: the weights are
+read once per step for all rows anyway). Larger K also means larger matmuls: RAR-B's modulations take 1.1 s of a
+sample at K = 16 (48 rows, ~120 GFLOP/s) and 0.54 s at K = 64 (192 rows) on the 2-core VM. Same numbers as computing
+them per step, up to matmul summation order. The unconditional half's rows are all the null label: its modulations
+are computed for one row and broadcast (4 -> 3 rows at batch 2).
 """
 from __future__ import annotations
 
@@ -20,19 +24,23 @@ import jax.numpy as jnp
 
 from jaxgen.families.rar.model import PREFIX, RAR
 from jaxgen.sampling import guidance
+from jaxgen.sampling.buckets import chunk_within_budget
 from jaxgen.sampling.filtering import sample_tokens
 from jaxgen.sampling.loop import decode_loop
 
 
-def largest_divisor_at_most(n: int, k: int) -> int:
-    return max(d for d in range(1, max(1, min(n, k)) + 1) if n % d == 0)
+def modulation_bytes_per_slot(model: RAR, params: Any, distinct_labels: jax.Array) -> int:
+    """Bytes of every block's adaLN modulations for one cache slot of `distinct_labels` (shapes only)."""
+    one = jax.eval_shape(lambda p, l: model.apply({"params": p}, l, jnp.zeros((1,), jnp.int32),
+                                                  method=RAR.block_modulations), params, distinct_labels)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(one))
 
 
 def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, guidance_scale: float = 16.0,
                     guidance_scale_pow: float = 2.75, temperature: float = 1.0,
-                    modulation_chunk: int = 16) -> jax.Array:
-    """labels (B,) -> token ids (B, L) int32 in raster order. `modulation_chunk`: slots whose adaLN modulations are
-    computed together (the largest divisor of L not above it; <= 1: per step)."""
+                    modulation_bytes: int = 96 << 20) -> jax.Array:
+    """labels (B,) -> token ids (B, L) int32 in raster order. `modulation_bytes`: room for the adaLN modulations of
+    the slots computed together (see the module docstring); below one slot's worth, each step computes its own."""
     variables = {"params": params}
     b = labels.shape[0]
     seq = model.image_seq_len
@@ -55,23 +63,24 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
         return tokens, logits, caches
 
     state = (jnp.zeros((b, seq), jnp.int32), logits, caches)
-    chunk = largest_divisor_at_most(seq, int(modulation_chunk))
+    distinct_labels = jnp.concatenate([labels, labels_in[b:b + 1]]) if use_cfg else labels
+    chunk = chunk_within_budget(seq, modulation_bytes_per_slot(model, params, distinct_labels), modulation_bytes)
     if chunk <= 1:
         tokens, _, _ = decode_loop(lambda t, s, row: step(t, s, row["scale"]), state, seq, tables)
         return tokens
 
-    distinct_labels = jnp.concatenate([labels, labels_in[b:b + 1]]) if use_cfg else labels
 
     def chunk_step(j, state, row):
         first = j * chunk
         mods = model.apply(variables, distinct_labels, first + PREFIX + jnp.arange(chunk),
                            method=RAR.block_modulations)
-        if use_cfg:  # the unconditional half is one row (the null label) repeated: computed once, then broadcast
-            mods = jax.tree_util.tree_map(
-                lambda m: jnp.concatenate([m[:b], jnp.broadcast_to(m[b:], (b,) + m.shape[1:])]), mods)
 
         def inner(k, s, r):
             mod_k = jax.tree_util.tree_map(lambda m: jax.lax.dynamic_slice_in_dim(m, k, 1, axis=1), mods)
+            if use_cfg:  # the unconditional half is one row (the null label) repeated: broadcast per slot, so the
+                # chunk's modulations are held for B + 1 rows, not 2B
+                mod_k = jax.tree_util.tree_map(
+                    lambda m: jnp.concatenate([m[:b], jnp.broadcast_to(m[b:], (b,) + m.shape[1:])]), mod_k)
             return step(first + k, s, r["scale"], mod_k)
 
         return decode_loop(inner, state, chunk, row)
