@@ -218,11 +218,11 @@ class RAR(nn.Module):
         return e[:, None] + steps[None]
 
     def block_modulations(self, labels, slots):
-        """Every block's six adaLN chunks for cache slots `slots` (K,): a tuple (depth) of 6-tuples of (B, K, D)
-        f32, computed in one matmul per block. `decode_step(..., modulations=row k of them)` then skips the D x 6D
+        """Every block's six adaLN chunks for cache slots `slots` (K,), packed: a tuple (depth) of (B, K, 6D) f32,
+        computed in one matmul per block. `decode_step(..., modulations=row k of them)` then skips the D x 6D
         modulation weights, a third of the weights each decoded token would otherwise read."""
         c = self._slot_condition(labels, slots)
-        return tuple(blk.modulation(c) for blk in self.blocks)
+        return tuple(blk.modulation(c, packed=True) for blk in self.blocks)
 
     def prefill(self, labels, caches: Caches) -> Tuple[jax.Array, Caches]:
         """Run [cls, cond] (cache slots 0, 1) -> (logits (B, V) of the first token, caches)."""
@@ -237,7 +237,7 @@ class RAR(nn.Module):
     def decode_step(self, token, position, labels, caches: Caches, modulations=None) -> Tuple[jax.Array, Caches]:
         """Feed raster token `position` (traced int scalar, 0 <= position < L; token (B,) int) into cache slot
         position + 2 -> (logits (B, V) of token position + 1, caches). labels (B,) as for `prefill`;
-        `modulations`: this slot's `block_modulations` (each chunk (B, 1, D)), or None to compute them here."""
+        `modulations`: this slot's `block_modulations` (each (B, 1, 6D)), or None to compute them here."""
         position = jnp.asarray(position, jnp.int32)
         slot = position + PREFIX
         seq = self.image_seq_len

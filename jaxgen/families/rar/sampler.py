@@ -76,12 +76,15 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
                            method=RAR.block_modulations)
 
         def inner(k, s, r):
-            mod_k = jax.tree_util.tree_map(lambda m: jax.lax.dynamic_slice_in_dim(m, k, 1, axis=1), mods)
-            if use_cfg:  # the unconditional half is one row (the null label) repeated: broadcast per slot, so the
-                # chunk's modulations are held for B + 1 rows, not 2B
-                mod_k = jax.tree_util.tree_map(
-                    lambda m: jnp.concatenate([m[:b], jnp.broadcast_to(m[b:], (b,) + m.shape[1:])]), mod_k)
-            return step(first + k, s, r["scale"], mod_k)
+            mod_k = []
+            for m in mods:  # one block's packed (B + 1 or B, K, 6D) -> its six (2B or B, 1, D) chunks of slot k
+                chunks = jnp.split(jax.lax.dynamic_slice_in_dim(m, k, 1, axis=1), 6, axis=-1)
+                if use_cfg:  # the unconditional half is one row (the null label) repeated: broadcast per slot and
+                    # chunk, so the chunk's modulations are held for B + 1 rows, not 2B, and each expansion fuses
+                    # into the op that reads it
+                    chunks = [jnp.concatenate([c[:b], jnp.broadcast_to(c[b:], (b,) + c.shape[1:])]) for c in chunks]
+                mod_k.append(tuple(chunks))
+            return step(first + k, s, r["scale"], tuple(mod_k))
 
         return decode_loop(inner, state, chunk, row)
 
