@@ -305,8 +305,8 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return GemvImpl(pool, x, w, nullptr, y);
 }
 
-// The bias in the kernel: a decode step's Dense layers would otherwise add it in an XLA op of their own, ~15 us each
-// at a few rows (four per RAR-B block and token: ~0.35 s of a sample).
+// The bias in the kernel, added in L1 right after the sum (where XLA fuses the add into the next op anyway, as in
+// RAR-B's decode, this saves that op one operand; no speed-up was measured there).
 ffi::Error GemvBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
   const auto bd = bias.dimensions();
