@@ -1,7 +1,7 @@
 """jaxgen's CPU kernels (jaxgen/kernels/cpu.cc): built on this machine; the few-row matmul against a float64
-reference for every row count and ragged sizes, concurrent callers, its gradients and the Dense dispatch; the KV-cache decode attention
-against the masked full-cache attention and the Attention dispatch; the many-query attention (key masks, ragged
-sizes, the backward kernel); the BLAS matmul (transposes, gradients, Dense dispatch); the fallback
+reference for every row count and ragged sizes, concurrent callers, its gradients and the Dense dispatch; the
+KV-cache decode attention against the masked full-cache attention and the Attention dispatch; the many-query
+attention (key masks, ragged sizes, the backward kernel); the BLAS matmul (transposes, gradients, Dense dispatch); the fallback
 without kernels."""
 import flax.linen as nn
 import jax
@@ -65,21 +65,6 @@ def test_gradients_are_the_plain_matmul_ones():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_bias_in_the_kernel_matches_float64_and_its_gradients_the_plain_ones():
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((3, 200)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((200, 70)), jnp.float32)
-    b = jnp.asarray(rng.standard_normal((70,)), jnp.float32)
-    got = np.asarray(jax.jit(cpu_kernels.matmul_bias)(x, w, b))
-    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(200))
-    loss = lambda f: lambda x, w, b: jnp.sum(jnp.sin(f(x, w, b)))  # noqa: E731
-    grads = jax.grad(loss(cpu_kernels.matmul_bias), argnums=(0, 1, 2))(x, w, b)
-    refs = jax.grad(loss(lambda x, w, b: jnp.dot(x, w) + b), argnums=(0, 1, 2))(x, w, b)
-    for a, r in zip(grads, refs):
-        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-4)
-
-
 def test_dense_uses_the_kernel_for_few_float32_rows_only():
     layer = Dense(24, axes=("embed", "mlp"))
     params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 16))))
@@ -88,14 +73,8 @@ def test_dense_uses_the_kernel_for_few_float32_rows_only():
         fn = jax.jit(lambda p, x: layer.apply(p, x))
         return fn.lower(params, jnp.ones((rows, 16), dtype)).as_text()
 
-    assert cpu_kernels.GEMV_BIAS in lowered(1) and cpu_kernels.GEMV_BIAS in lowered(cpu_kernels.MAX_ROWS)
+    assert cpu_kernels.GEMV in lowered(1) and cpu_kernels.GEMV in lowered(cpu_kernels.MAX_ROWS)
     assert cpu_kernels.GEMV not in lowered(cpu_kernels.MAX_ROWS + 1)
-    # the bias goes into the kernel call (no XLA add of its own); without one, the plain kernel
-    assert "add" not in lowered(2).split(cpu_kernels.GEMV_BIAS)[-1]
-    no_bias = Dense(24, axes=("embed", "mlp"), use_bias=False)
-    text = jax.jit(lambda p, x: no_bias.apply(p, x)).lower(
-        {"params": {"kernel": params["params"]["kernel"]}}, jnp.ones((2, 16))).as_text()
-    assert f"@{cpu_kernels.GEMV}(" in text and cpu_kernels.GEMV_BIAS not in text
     bf16 = Dense(24, axes=("embed", "mlp"), dtype=jnp.bfloat16)
     text = jax.jit(lambda p, x: bf16.apply(p, x)).lower(params, jnp.ones((2, 16))).as_text()
     assert cpu_kernels.GEMV not in text

@@ -1,5 +1,5 @@
 // jaxgen's XLA:CPU FFI kernels for decode steps (see cpu.py for why), float32:
-//   JaxgenCpuGemv(Bias): y (M, N) = x (M, K) @ w (K, N) [+ bias (N,)] for a few rows M.
+//   JaxgenCpuGemv: y (M, N) = x (M, K) @ w (K, N) for a few rows M.
 //   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
 //   JaxgenCpuAttention(+Backward): softmax(q k^T * scale) v for many queries per (batch, head), with a mask over
 //     keys only, and its gradients.
@@ -163,6 +163,17 @@ struct Shared {
   std::atomic<int> done{0};
 };
 
+// What each participating thread runs: claim parts until none are left (the shared state outlives late starters).
+template <typename Part>
+auto ClaimLoop(std::shared_ptr<Shared> shared, int parts, Part part) {
+  return [shared, parts, part]() {
+    for (int p; (p = shared->next.fetch_add(1)) < parts;) {
+      part(p);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+}
+
 // Runs part(p) for p in [0, parts) on the calling thread and the pool: the caller claims parts itself until none
 // are left and then only waits for parts another thread already started, so an idle or busy pool never blocks it.
 template <typename Part>
@@ -172,12 +183,7 @@ void RunParts(ffi::ThreadPool& pool, int parts, Part part) {
     return;
   }
   auto shared = std::make_shared<Shared>();
-  auto run = [shared, parts, part]() {
-    for (int p; (p = shared->next.fetch_add(1)) < parts;) {
-      part(p);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
+  auto run = ClaimLoop(shared, parts, part);
   for (int t = 1; t < parts; ++t) pool.Schedule(std::function<void()>(run));
   run();
   while (shared->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
@@ -215,12 +221,7 @@ class DecodeHelpers {
       return;
     }
     auto shared = std::make_shared<Shared>();
-    auto run = std::make_shared<std::function<void()>>([shared, parts, part]() {
-      for (int p; (p = shared->next.fetch_add(1)) < parts;) {
-        part(p);
-        shared->done.fetch_add(1, std::memory_order_release);
-      }
-    });
+    auto run = std::make_shared<std::function<void()>>(ClaimLoop(shared, parts, part));
     std::atomic_store(&job_, run);
     generation_.fetch_add(1);
     if (sleepers_.load() > 0) {
@@ -266,9 +267,8 @@ class DecodeHelpers {
   std::condition_variable wake_;
 };
 
-// y (M, N) = x (M, K) @ w (K, N) [+ bias (N,)]: the bias added after the parts are summed, as XLA's dot + add does.
-ffi::Error GemvImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, const float* bias,
-                    ffi::ResultBuffer<ffi::F32>& y) {
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
@@ -293,27 +293,7 @@ ffi::Error GemvImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer
     const float* src = partials->data() + static_cast<size_t>(p - 1) * rows * n;
     for (int64_t i = 0; i < rows * n; ++i) yp[i] += src[i];
   }
-  if (bias != nullptr) {
-    for (int r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < n; ++j) yp[r * n + j] += bias[j];
-  }
   return ffi::Error::Success();
-}
-
-ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                ffi::ResultBuffer<ffi::F32> y) {
-  return GemvImpl(pool, x, w, nullptr, y);
-}
-
-// The bias in the kernel, added in L1 right after the sum (where XLA fuses the add into the next op anyway, as in
-// RAR-B's decode, this saves that op one operand; no speed-up was measured there).
-ffi::Error GemvBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
-  const auto bd = bias.dimensions();
-  if (bd.size() != 1 || w.dimensions().size() != 2 || bd[0] != w.dimensions()[1]) {
-    return ffi::Error::InvalidArgument("jaxgen_cpu_gemv_bias: bias (N,) for w (K, N) expected");
-  }
-  return GemvImpl(pool, x, w, bias.typed_data(), y);
 }
 
 // out (B, 1, N, H) = softmax(q k[:, :, :length]^T * scale) v[:, :, :length] per (batch, head); q (B, 1, N, H),
@@ -731,14 +711,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttention, Attention,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGemv, Gemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGemvBias, GemvBias,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

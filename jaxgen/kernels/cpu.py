@@ -52,11 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
-TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_gemv_bias": "JaxgenCpuGemvBias",
-           "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
+TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
            "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
            "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm", "jaxgen_cpu_top_k_values": "JaxgenCpuTopKValues"}
-GEMV, GEMV_BIAS, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES = TARGETS
+GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
 BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
@@ -304,23 +303,3 @@ def _bwd(saved, g):
 
 matmul.defvjp(_fwd, _bwd)
 
-
-@jax.custom_vjp
-def matmul_bias(x: jax.Array, w: jax.Array, bias: jax.Array) -> jax.Array:
-    """x (M, K) @ w (K, N) + bias (N,) -> (M, N) float32 in one kernel call (call only where `wanted`); the sum of
-    x @ w first, then the bias, as XLA's dot + add."""
-    _require()
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(GEMV_BIAS, out, vmap_method="sequential")(x, w, bias)
-
-
-def _bias_fwd(x, w, bias):
-    return matmul_bias(x, w, bias), (x, w)
-
-
-def _bias_bwd(saved, g):
-    x, w = saved
-    return jnp.dot(g, w.T), jnp.dot(x.T, g), jnp.sum(g, axis=0)
-
-
-matmul_bias.defvjp(_bias_fwd, _bias_bwd)

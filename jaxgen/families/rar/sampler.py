@@ -69,7 +69,6 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
         tokens, _, _ = decode_loop(lambda t, s, row: step(t, s, row["scale"]), state, seq, tables)
         return tokens
 
-
     def chunk_step(j, state, row):
         first = j * chunk
         mods = model.apply(variables, distinct_labels, first + PREFIX + jnp.arange(chunk),
