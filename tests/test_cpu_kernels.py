@@ -1,8 +1,8 @@
 """jaxgen's CPU kernels (jaxgen/kernels/cpu.cc): built on this machine; the few-row matmul against a float64
 reference for every row count and ragged sizes, concurrent callers, its gradients and the Dense dispatch; the
 KV-cache decode attention against the masked full-cache attention and the Attention dispatch; the many-query
-attention (key masks, ragged sizes, the backward kernel); the BLAS matmul (transposes, gradients, Dense dispatch); the fallback
-without kernels."""
+attention (key masks, ragged sizes, the backward kernel); the BLAS matmul (transposes, gradients, Dense
+dispatch); the fallback without kernels."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
