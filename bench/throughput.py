@@ -13,6 +13,7 @@ too, and on an accelerator XLA's peak device memory (set XLA_PYTHON_CLIENT_PREAL
 from __future__ import annotations
 
 import json
+import gc
 import os
 import platform
 import resource
@@ -149,7 +150,7 @@ def bench_sample(config):
     from jaxgen import pipeline
     from jaxgen.train import restore
     from jaxgen.train.restore import replicate
-    from jaxgen.utils.host_memory import release_free_memory
+    from jaxgen.utils.host_memory import map_large_blocks, release_free_memory
 
     family = families.build(config)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -175,11 +176,13 @@ def bench_sample(config):
         compiled = fn.lower(abstract, abstract_frozen, labels, jax.random.PRNGKey(0)).compile()
         compile_s = time.time() - t0
         rss_compiled = _peak_rss_mb()
-        release_free_memory()  # as `Sampler.precompile` does
+        release_free_memory()  # as `Sampler.precompile` does, and:
+        map_large_blocks()
         params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
         frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
         jax.block_until_ready((params, frozen))
-        release_free_memory()  # as `pipeline.load_for_sampling` does after loading
+        gc.collect()  # as `pipeline.load_for_sampling` does after loading: the init program's cycles go first
+        release_free_memory()
         for w in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
             if w == 0:

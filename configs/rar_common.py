@@ -67,7 +67,9 @@ def rar_config(size: str, arg=None):
 
     s = c.sample
     s.guidance_scale, s.guidance_scale_pow, s.temperature = SAMPLING[size]
-    s.modulation_mb = 96  # speed only: room for adaLN modulations computed ahead (RAR-B batch 2: 64 slots)
+    # speed against memory: room for the adaLN modulations of the decode slots computed at once. RAR-B at batch 2:
+    # 32 -> 16 slots (21 MB, peak RSS under the official code's); 96 -> 64 slots, ~5 % faster, 64 MB more
+    s.modulation_mb = 32
     s.num_per_class = 50  # 50,000 images for FID-50K
     s.batch_size = 125
     s.use_ema = False

@@ -1,6 +1,6 @@
 """jaxgen.utils.host_memory: with the settings applied, memory freed by the process is reused without page faults
 (what keeps XLA:CPU's per-step temporaries resident); the opt-outs leave glibc's defaults alone; a release hands a
-freed hole back at once."""
+freed hole back at once; once large blocks are mapped, a freed one goes back when freed."""
 import os
 import subprocess
 import sys
@@ -65,6 +65,41 @@ def test_release_free_memory_returns_a_hole_below_live_blocks():
     out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True, text=True, check=True)
     released, dropped_mb = out.stdout.split()
     assert released == "True" and int(dropped_mb) > 200  # kept resident by keep_freed_memory until released
+
+
+_MAPPED_PROBE = textwrap.dedent("""
+    import ctypes
+    from jaxgen.utils.host_memory import keep_freed_memory, map_large_blocks
+    keep_freed_memory()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    def rss_mb():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+    def kept_mb_after_freeing(size):  # a sampler call's temporary buffer, with a live block above it
+        before = rss_mb()
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        pin = libc.malloc(1 << 20)
+        ctypes.memset(pin, 1, 1 << 20)
+        libc.free(block)
+        return rss_mb() - before
+    heap = kept_mb_after_freeing(128 << 20)
+    applied = map_large_blocks()
+    print(applied, heap, kept_mb_after_freeing(128 << 20))
+""")
+
+
+def test_map_large_blocks_hands_large_blocks_back_when_freed():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAXGEN_HOST_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", _MAPPED_PROBE], env=env, capture_output=True, text=True, check=True)
+    applied, heap, mapped = out.stdout.split()
+    assert applied == "True"
+    assert int(heap) > 100  # on the heap the freed 128 MB stays resident (keep_freed_memory)
+    assert int(mapped) < 8  # its own mapping: unmapped when freed
+    env["JAXGEN_HOST_MALLOC"] = "system"
+    out = subprocess.run([sys.executable, "-c", _MAPPED_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False"  # opted out: glibc's defaults are left alone
 
 
 def test_huge_pages_env_adds_glibcs_tunable_unless_it_does_not_apply(tmp_path, monkeypatch):

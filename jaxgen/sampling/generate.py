@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import sharding as sh
-from jaxgen.utils.host_memory import release_free_memory
+from jaxgen.utils.host_memory import map_large_blocks, release_free_memory
 from jaxgen.utils.images import make_grid, save_png, to_uint8
 
 
@@ -72,7 +72,8 @@ class Sampler:
     def precompile(self, params: Any, frozen: Any, batch_size: int) -> None:
         """Compile `family.sample` for `batch_size` from params / frozen that may be abstract (ShapeDtypeStructs with
         their shardings, e.g. `restore.abstract_params`): done before the weights are loaded, XLA's compile-time
-        working memory is handed back (`release_free_memory`) before they arrive, so the peak does not carry both.
+        working memory is handed back (`release_free_memory`) before they arrive, so the peak does not carry both, and
+        large blocks get their own mappings from then on (`map_large_blocks`).
         `generate` with the real arrays then finds the executable in jax's cache."""
         batch_size = self.batch_size(batch_size)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -81,6 +82,7 @@ class Sampler:
             self._fn(batch_size).lower(params, frozen, labels, rng).compile()
         if self.hand_back_memory:
             release_free_memory()
+            map_large_blocks()  # the loaders' and each call's large temporaries: own mappings, handed back when freed
 
     def _inputs(self, chunk: np.ndarray, batch_size: int, seed: int, index: int):
         """(labels sharded over 'batch', padded with class 0 to batch_size; the key of chunk `index`), under the

@@ -19,6 +19,15 @@ too scattered for the weights to reuse, so the weights land above it and the pea
 their next use, but as 4 KB pages where they had been 2 MB ones. Training does not trim (its per-step temporaries
 would lose their 2 MB pages; an A/B on the tiny tokenizer step was inside this VM's noise either way).
 
+`map_large_blocks()` serves blocks of 32 MB and more from their own mappings from then on (glibc's mmap threshold
+at its ceiling), handed back to the kernel when freed; a sampling job switches to it once compiled (`Sampler.
+precompile`), before the weights arrive. Why: a sampler's call allocates one large temporary buffer (RAR-B: 241 MB,
+its KV cache and modulations) and frees it after; on the heap the next call could find the old hole split by small
+blocks and place it anew, so the peak moved by 0.1-0.3 GB between runs of the same code (1.70-1.91 GB); mapped
+afresh each call, it came out at 1.70 GB in every run (docs/benchmarks.md), no slower (the pages fault in once per
+call, 2 MB at a time with the huge-page tunable). Training keeps its heap: its multi-GB temporaries every step are
+what the settings above exist for.
+
 `restart_with_huge_pages()` re-executes the process once with glibc's tunable `glibc.malloc.hugetlb=1` (glibc >=
 2.35: the heap is madvised for transparent 2 MB pages as it grows; glibc reads tunables only at start-up, hence the
 re-exec). Why: sampling at small batch streams every weight (and the KV cache) once per token, and on 4 KB pages
@@ -35,6 +44,7 @@ import sys
 
 # glibc malloc.h
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
@@ -58,7 +68,7 @@ def _glibc(symbol: str, argtypes):
 
 def keep_freed_memory() -> bool:
     """Apply the settings above to this process; True when applied. Call before jax creates its CPU client."""
-    if os.environ.get(OPT_OUT, "") == "system" or any(k.startswith("MALLOC_") for k in os.environ):
+    if _opted_out():
         return False
     mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
     if mallopt is None:
@@ -67,6 +77,22 @@ def keep_freed_memory() -> bool:
     # would not do: the RAR-B step frees more than 2 GB at the top of the heap)
     ok = [mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)]
     return all(r == 1 for r in ok)
+
+
+def _opted_out() -> bool:
+    return os.environ.get(OPT_OUT, "") == "system" or any(k.startswith("MALLOC_") for k in os.environ)
+
+
+LARGE_BLOCK_BYTES = 32 << 20  # the highest mmap threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+
+
+def map_large_blocks() -> bool:
+    """From now on serve blocks of LARGE_BLOCK_BYTES or more from their own mappings, unmapped when freed (see the
+    module); True when applied. Same opt-outs as `keep_freed_memory`."""
+    mallopt = None if _opted_out() else _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
+        return False
+    return mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1 and mallopt(M_MMAP_MAX, 1 << 30) == 1
 
 
 def release_free_memory() -> bool:

@@ -46,7 +46,7 @@ class RARSample:
     guidance_scale_pow: float = 2.75
     temperature: float = 1.0  # official randomize_temperature
     # speed only: MB for the adaLN modulations of the slots one matmul computes ahead (see rar/sampler.py)
-    modulation_mb: int = 96
+    modulation_mb: int = 32
 
 
 def random_order_ratio(step, start: int, end: int) -> jax.Array:
