@@ -1,4 +1,5 @@
-"""jaxgen.nn.conv: the sub-pixel nearest-x2 + 3x3 conv equals upsampling then convolving (the torch order)."""
+"""jaxgen.nn.conv: the sub-pixel nearest-x2 + 3x3 conv equals upsampling then convolving (the torch order); SiLU in
+torch's form (`jaxgen.nn.layers.silu`) with a finite gradient."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,3 +40,16 @@ def test_upsample_module_keeps_its_params_and_numbers():
 def test_upsample_flag_needs_a_3x3_same_conv():
     with pytest.raises(ValueError, match="3x3 conv with stride 1 and padding 1"):
         Conv(4, 1, upsample_nearest2=True).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 4)))
+
+
+def test_silu_is_torchs_formula_with_a_finite_gradient_everywhere():
+    from jaxgen.nn.layers import silu
+
+    x = np.linspace(-120.0, 120.0, 20001).astype(np.float32)
+    reference = x.astype(np.float64) / (1.0 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(np.asarray(silu(jnp.asarray(x))), reference, rtol=2e-7, atol=1e-30)
+    grad = np.asarray(jax.vmap(jax.grad(silu))(jnp.asarray(x)))
+    reference_grad = np.asarray(jax.vmap(jax.grad(jax.nn.silu))(jnp.asarray(x)))
+    assert np.isfinite(grad).all()  # autodiff of x / (1 + exp(-x)) would give inf / inf below x = -88
+    np.testing.assert_allclose(grad, reference_grad, atol=1e-6)
+    assert float(jax.grad(silu)(-100.0)) == 0.0

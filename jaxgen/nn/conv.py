@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.nn.dropout import Dropout
-from jaxgen.nn.layers import ones, with_axes, zeros
+from jaxgen.nn.layers import ones, silu, with_axes, zeros
 
 Dtype = Any
 # int p: torch `padding=p` (p zeros on every side); ((top, bottom), (left, right)): explicit; "SAME": TF / timm
@@ -28,8 +28,8 @@ torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform
 
 
 def swish(x):
-    """x * sigmoid(x) (torch SiLU, LDM's `nonlinearity`)."""
-    return x * jax.nn.sigmoid(x)
+    """x * sigmoid(x) (torch SiLU, LDM's `nonlinearity`), in torch's form (`jaxgen.nn.layers.silu`)."""
+    return silu(x)
 
 
 def _pairs(padding: Padding) -> Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]:

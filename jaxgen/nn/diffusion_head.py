@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.nn.layers import Dense, Dtype, LayerNorm
+from jaxgen.nn.layers import Dense, Dtype, LayerNorm, silu
 
 _normal_002 = nn.initializers.normal(0.02)
 _zeros = nn.initializers.zeros
@@ -60,12 +60,12 @@ class ResBlock(nn.Module):
         self.mlp_2 = Dense(self.channels, axes=("mlp", "embed"), **kw)
 
     def modulation(self, y):
-        return tuple(jnp.split(self.ada_ln(nn.silu(y)), 3, axis=-1))
+        return tuple(jnp.split(self.ada_ln(silu(y)), 3, axis=-1))
 
     def __call__(self, x, y=None, mod=None):
         shift, scale, gate = self.modulation(y) if mod is None else mod
         h = modulate(self.in_ln(x), shift, scale)
-        h = self.mlp_2(nn.silu(self.mlp_0(h)))
+        h = self.mlp_2(silu(self.mlp_0(h)))
         return x + gate * h
 
 
@@ -85,7 +85,7 @@ class FinalLayer(nn.Module):
         self.linear = Dense(self.out_channels, axes=("embed", "latent"), kernel_init=_zeros, **kw)
 
     def modulation(self, y):
-        return tuple(jnp.split(self.ada_ln(nn.silu(y)), 2, axis=-1))
+        return tuple(jnp.split(self.ada_ln(silu(y)), 2, axis=-1))
 
     def __call__(self, x, y=None, mod=None):
         shift, scale = self.modulation(y) if mod is None else mod
@@ -124,7 +124,7 @@ class SimpleMLPAdaLN(nn.Module):
     def embed_time(self, t):
         """(N,) original timestep indices -> (N, W)."""
         t_freq = timestep_embedding(t, self.frequency_embedding_size)
-        return self.time_embed_2(nn.silu(self.time_embed_0(t_freq)))
+        return self.time_embed_2(silu(self.time_embed_0(t_freq)))
 
     def embed_condition(self, c):
         """(N, z_channels) -> (N, W)."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxgen.nn.attention import Attention, KVCache
 from jaxgen.nn.dropout import Dropout
 from jaxgen.nn.fence import gradient_fence
-from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain, gelu_exact, gelu_tanh, zeros
+from jaxgen.nn.layers import Dense, Dtype, LayerNorm, constrain, gelu_exact, gelu_tanh, silu, zeros
 
 ACTIVATIONS = {"gelu_exact": gelu_exact, "gelu_tanh": gelu_tanh}
 
@@ -166,7 +166,7 @@ def _apply_modulation(dense, c, chunks: int, packed: bool = False):
     """c: (B, D) (one vector per sample) or (B, T, D) (one per sequence position) -> `chunks` f32 arrays
     (B, T or 1, D), or with `packed` the one array (B, T or 1, chunks * D) they are split from."""
     c = c[:, None] if c.ndim == 2 else c
-    out = dense(nn.silu(c.astype(jnp.float32))).astype(jnp.float32)
+    out = dense(silu(c.astype(jnp.float32))).astype(jnp.float32)
     return out if packed else tuple(jnp.split(out, chunks, axis=-1))
 
 

@@ -25,7 +25,7 @@ from jaxgen import strict
 from jaxgen.nn.attention import clip_query_chunks, dot_product_attention
 from jaxgen.nn.dropout import drop_labels
 from jaxgen.nn.fence import gradient_fence
-from jaxgen.nn.layers import Dense, DropPath, Embed, LayerNorm, constrain, gelu_tanh, with_axes
+from jaxgen.nn.layers import Dense, DropPath, Embed, LayerNorm, constrain, gelu_tanh, silu, with_axes
 
 Dtype = Any
 KV = Tuple[jax.Array, jax.Array]
@@ -203,7 +203,7 @@ class AdaLNSelfAttn(nn.Module):
         else:
             ada = Dense(6 * c, axes=("embed", "mlp"),
                         kernel_init=_scaled_columns(self.init_std, 2 * c, self.init_adaln_gamma, self.init_adaln),
-                        name="ada_lin", **kw)(nn.silu(cond)).astype(jnp.float32).reshape(-1, 1, 6, c)
+                        name="ada_lin", **kw)(silu(cond)).astype(jnp.float32).reshape(-1, 1, 6, c)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, :, i] for i in range(6))
         ln = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=jnp.float32)
         depth_scale = 1.0 / math.sqrt(2 * self.depth)
@@ -299,7 +299,7 @@ class VAR(nn.Module):
         """(class embedding (B, C) = the AdaLN condition, what blocks take: shared projection or the embedding)."""
         cond = self.class_emb(labels).astype(jnp.float32)
         if self.shared_aln:
-            return cond, self.shared_ada_lin(nn.silu(cond)).astype(jnp.float32).reshape(-1, 1, 6, self.embed_dim)
+            return cond, self.shared_ada_lin(silu(cond)).astype(jnp.float32).reshape(-1, 1, 6, self.embed_dim)
         return cond, cond
 
     def first_tokens(self, cond):
@@ -358,7 +358,7 @@ class AdaLNBeforeHead(nn.Module):
     def __call__(self, x, cond):
         c = self.embed_dim
         ada = Dense(2 * c, axes=("embed", "mlp"), kernel_init=trunc_normal(self.init_std, self.init_adaln),
-                    name="ada_lin", dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(cond))
+                    name="ada_lin", dtype=self.dtype, param_dtype=self.param_dtype)(silu(cond))
         ada = ada.astype(jnp.float32).reshape(-1, 1, 2, c)
         y = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=jnp.float32)(x)
         return (y * (1.0 + ada[:, :, 0]) + ada[:, :, 1]).astype(self.dtype)
