@@ -40,15 +40,19 @@ def test_freed_memory_is_reused_without_faults():
     assert _run({"MALLOC_ARENA_MAX": "2"})[0] is False  # the user's own malloc settings win
 
 
-_RELEASE_PROBE = textwrap.dedent("""
+# the settings applied, glibc's malloc / free as XLA's allocator calls them, the process's resident MB
+_HEAP = textwrap.dedent("""
     import ctypes
-    from jaxgen.utils.host_memory import keep_freed_memory, release_free_memory
+    from jaxgen.utils.host_memory import keep_freed_memory, map_large_blocks, release_free_memory
     keep_freed_memory()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     def rss_mb():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+""")
+
+_RELEASE_PROBE = _HEAP + textwrap.dedent("""
     big = libc.malloc(256 << 20)  # a compiler's working memory, say
     ctypes.memset(big, 1, 256 << 20)
     pin = libc.malloc(1 << 20)  # a live block above it: the freed one is a hole, not the heap's top
@@ -67,15 +71,7 @@ def test_release_free_memory_returns_a_hole_below_live_blocks():
     assert released == "True" and int(dropped_mb) > 200  # kept resident by keep_freed_memory until released
 
 
-_MAPPED_PROBE = textwrap.dedent("""
-    import ctypes
-    from jaxgen.utils.host_memory import keep_freed_memory, map_large_blocks
-    keep_freed_memory()
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    def rss_mb():
-        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+_MAPPED_PROBE = _HEAP + textwrap.dedent("""
     def kept_mb_after_freeing(size):  # a sampler call's temporary buffer, with a live block above it
         before = rss_mb()
         block = libc.malloc(size)
