@@ -13,7 +13,6 @@ too, and on an accelerator XLA's peak device memory (set XLA_PYTHON_CLIENT_PREAL
 from __future__ import annotations
 
 import json
-import gc
 import os
 import platform
 import resource
@@ -181,8 +180,7 @@ def bench_sample(config):
         params, _ = sh.sharded_init(lambda: family.init(jax.random.PRNGKey(0)), mesh, rules)
         frozen = replicate(_random_frozen(config), mesh) if FLAGS.what == "sample" else {}
         jax.block_until_ready((params, frozen))
-        gc.collect()  # as `pipeline.load_for_sampling` does after loading: the init program's cycles go first
-        release_free_memory()
+        release_free_memory()  # as `pipeline.load_for_sampling` does after loading
         for w in range(FLAGS.warmup):
             jax.block_until_ready(compiled(params, frozen, labels, jax.random.PRNGKey(0)))
             if w == 0:

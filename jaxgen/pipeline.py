@@ -6,7 +6,6 @@ config.tokenizer.workdir / .checkpoint point at one), its codes are cached by `c
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -237,7 +236,6 @@ def load_for_sampling(config, workdir: str, mode: str = "sample", with_source: b
             config.sample.batch_size)
     params, where = restore.load_params(config, workdir, family, mesh, prefer_ema=config.sample.use_ema)
     frozen = load_frozen(config, family, workdir, mesh)
-    gc.collect()  # the loaders' temporaries held only by reference cycles (jitted programs) go first
     release_free_memory()  # the loaders' temporaries, before the sampler's first call settles the peak
     return (family, params, frozen, mesh, where) if with_source else (family, params, frozen, mesh)
 

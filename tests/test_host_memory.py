@@ -24,8 +24,13 @@ _PROBE = textwrap.dedent("""
 """)
 
 
+def _clean_env():
+    """This environment without the user's malloc settings or jaxgen's opt-out."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAXGEN_HOST_MALLOC"}
+
+
 def _run(env_extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAXGEN_HOST_MALLOC"}
+    env = _clean_env()
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
@@ -65,7 +70,7 @@ _RELEASE_PROBE = _HEAP + textwrap.dedent("""
 
 
 def test_release_free_memory_returns_a_hole_below_live_blocks():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAXGEN_HOST_MALLOC"}
+    env = _clean_env()
     out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True, text=True, check=True)
     released, dropped_mb = out.stdout.split()
     assert released == "True" and int(dropped_mb) > 200  # kept resident by keep_freed_memory until released
@@ -87,7 +92,7 @@ _MAPPED_PROBE = _HEAP + textwrap.dedent("""
 
 
 def test_map_large_blocks_hands_large_blocks_back_when_freed():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAXGEN_HOST_MALLOC"}
+    env = _clean_env()
     out = subprocess.run([sys.executable, "-c", _MAPPED_PROBE], env=env, capture_output=True, text=True, check=True)
     applied, heap, mapped = out.stdout.split()
     assert applied == "True"

@@ -27,9 +27,7 @@ Padding = Union[int, str, Sequence[Tuple[int, int]]]
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def swish(x):
-    """x * sigmoid(x) (torch SiLU, LDM's `nonlinearity`), in torch's form (`jaxgen.nn.layers.silu`)."""
-    return silu(x)
+swish = silu  # LDM's `nonlinearity`: torch SiLU, in torch's form (`jaxgen.nn.layers.silu`)
 
 
 def _pairs(padding: Padding) -> Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]:
