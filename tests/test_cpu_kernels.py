@@ -177,17 +177,23 @@ def test_attention_decode_steps_use_the_kernel_and_match_xla(monkeypatch):
     np.testing.assert_allclose(with_kernel, full, rtol=1e-5, atol=1e-5)
 
 
+def _visible(keep):
+    """keep (B, S) per key, or (B, T, S) per query and key -> broadcastable to (B, N, T, S)."""
+    keep = np.asarray(keep)
+    return keep[:, None, None, :] if keep.ndim == 2 else keep[:, None]
+
+
 def _attention64(q, k, v, keep, scale):
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
-    logits = np.where(np.asarray(keep)[:, None, None, :], logits, np.finfo(np.float32).min)
+    logits = np.where(_visible(keep), logits, np.finfo(np.float32).min)
     w = np.exp(logits - logits.max(-1, keepdims=True))
     return np.einsum("bnts,bsnh->btnh", w / w.sum(-1, keepdims=True), v)
 
 
 def _attention64_grads(q, k, v, keep, scale, g):
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    visible = np.asarray(keep)[:, None, None, :]
+    visible = _visible(keep)
     logits = np.where(visible, np.einsum("btnh,bsnh->bnts", q, k) * scale, np.finfo(np.float32).min)
     w = np.exp(logits - logits.max(-1, keepdims=True))
     p = w / w.sum(-1, keepdims=True)
@@ -214,6 +220,34 @@ def test_attention_kernel_matches_float64(b, t, s, n, h):
     ref = _attention64_grads(q, k, v, keep, 0.3, g)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks,s", [(((3, 9), (9, 30), (30, 37)), 40), (((0, 13), (13, 14)), 14),
+                                      (((5, 29),), 29)])
+def test_prefix_chunk_attention_matches_float64(chunks, s):
+    """Queries [a, b) see keys [0, b), in one kernel call over q, k, v as they are (no slices); rows outside the
+    chunks get no gradient, keys after the last chunk none either. Chunk sizes off the kernel's tiles (12 x 32)."""
+    rng = np.random.default_rng(s)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, s, 3, 24)), jnp.float32) for _ in range(3))
+    first, last = chunks[0][0], chunks[-1][1]
+    visible = np.zeros((2, s, s), bool)
+    for a, b in chunks:
+        visible[:, a:b, :b] = True
+    fn = jax.jit(lambda q, k, v: cpu_kernels.prefix_chunk_attention(q, k, v, chunks, 0.4))
+    got = fn(q, k, v)
+    assert got.shape == (2, last - first, 3, 24)
+    np.testing.assert_allclose(got, _attention64(q, k, v, visible, 0.4)[:, first:last], rtol=1e-5, atol=2e-6)
+    lowered = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), (0, 1, 2))).lower(q, k, v).as_text()
+    assert lowered.count(f"@{cpu_kernels.ATTENTION}(") == 1 and lowered.count(f"@{cpu_kernels.ATTENTION_BACKWARD}(") == 1
+    g = np.zeros(q.shape)
+    g[:, first:last] = rng.standard_normal((2, last - first, 3, 24))
+    _, pullback = jax.vjp(lambda q, k, v: cpu_kernels.prefix_chunk_attention(q, k, v, chunks, 0.4), q, k, v)
+    got = pullback(jnp.asarray(g[:, first:last], jnp.float32))
+    visible[:, :first] = visible[:, last:] = True  # rows outside the chunks: any mask, their cotangent is zero
+    for a, b in zip(got, _attention64_grads(q, k, v, visible, 0.4, g)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.prefix_chunk_attention(q, k, v, ((0, 5), (6, 9)), 0.4)
 
 
 def test_dot_product_attention_dispatch_and_gradients():

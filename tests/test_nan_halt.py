@@ -91,3 +91,38 @@ def test_trainer_halts_on_nan_naming_step_and_checkpoint(tmp_path, threshold, ba
         assert all(s < bad_step for s in logged), logged  # no metrics were logged past the bad step
     finally:
         trainer.close()
+
+
+def test_the_step_compiles_for_the_abstract_state_and_a_resume_builds_no_fresh_one(tmp_path, monkeypatch):
+    """Trainer compiles the step ahead of time for the abstract state and creates the state on first use; resuming
+    restores into the abstract state without building a fresh one first."""
+    from jaxgen.train import restore
+
+    config = _config()
+    config.total_steps = 4
+    workdir = str(tmp_path / "run")
+
+    def data():
+        return make_train_iterator(config.data, ("image", "label"), config.batch_size, config.seed,
+                                   process_index=0, process_count=1)
+
+    trainer = Trainer(config, workdir, family=_NanAfter(config, threshold=100.0))
+    try:
+        compiled = trainer.compiled_step()
+        assert trainer._state is None and trainer.compiled_step() is compiled  # compiled once, no state yet
+        assert trainer.run(data()).step == 4
+    finally:
+        trainer.close()
+
+    def no_fresh_state(*args, **kwargs):
+        raise AssertionError("a resumed run built a fresh train state")
+
+    monkeypatch.setattr(restore, "init_train_state", no_fresh_state)
+    config.total_steps = 6
+    trainer = Trainer(config, workdir, family=_NanAfter(config, threshold=100.0))
+    try:
+        result = trainer.run(data())
+        assert result.step == 6
+        np.testing.assert_allclose(np.asarray(jax.device_get(result.state.params["p"])), [6.0], rtol=1e-6)
+    finally:
+        trainer.close()

@@ -274,3 +274,22 @@ def test_var_teacher_forcing_with_scale_chunks_matches_the_dense_mask(family, pa
     assert attention_chunks(family.model.patch_nums, 4) == ((0, 1, True), (1, 5, True), (5, 14, True))
     out = {n: family.model.clone(attn_chunk_tokens=n).apply({"params": params}, batch["label"], x_in) for n in (4, 0)}
     np.testing.assert_allclose(out[4], out[0], atol=1e-5)
+
+
+def test_l2_normalize_is_torchs_with_its_gradient_from_the_output():
+    """F.normalize(x) = x / max(||x||, 1e-12); the gradient, written from the output and the norm (so training keeps
+    no raw q / k), is autodiff's away from zero and the clamped linear map's at zero (where autodiff gives NaN)."""
+    from jaxgen.families.var.model import _l2_normalize
+
+    def reference(x):
+        return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)), 1e-12)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32).at[0, 0].set(0.0).at[0, 1].set(1e-14)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    np.testing.assert_allclose(_l2_normalize(x), reference(x), rtol=1e-6, atol=1e-7)
+    got = jax.vjp(_l2_normalize, x)[1](g)[0]
+    want = jax.vjp(reference, x)[1](g)[0]
+    np.testing.assert_allclose(got[1:], want[1:], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0, 1], want[0, 1], rtol=1e-6)  # clamped: x / eps
+    np.testing.assert_allclose(got[0, 0], g[0, 0] / 1e-12, rtol=1e-6)  # at zero: the same linear map, not NaN

@@ -2,7 +2,7 @@
 //   JaxgenCpuGemv: y (M, N) = x (M, K) @ w (K, N) for a few rows M.
 //   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
 //   JaxgenCpuAttention(+Backward): softmax(q k^T * scale) v for many queries per (batch, head), with a mask over
-//     keys only, and its gradients.
+//     keys only, over chunks of queries that each see a prefix of the keys (block-causal), and its gradients.
 //   JaxgenCpuTopKValues: the k largest values of each row, descending (lax.top_k's values) by selection, not sort.
 //   JaxgenCpuBlasGemm: y = op(x) @ op(w) through a CBLAS sgemm handed over by `JaxgenSetBlas` (numpy's OpenBLAS).
 //
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -447,15 +448,20 @@ void CopyTile(const float* src, int rows, int64_t stride, int64_t h, float mul, 
     for (int64_t d = 0; d < h; ++d) tile[i * h + d] = i < rows ? src[i * stride + d] * mul : 0.f;
 }
 
-// Logit rows (kTileRows x keys_pad) -> softmax probabilities in place: keys with keep == 0 get the lowest finite
-// logit (jaxgen's masking: a fully masked row is uniform over the real keys, not NaN); padding keys get exactly 0.
-void SoftmaxRows(float* logits, int64_t keys, int64_t keys_pad, const float* keep) {
+// Logit rows (kTileRows x keys_pad, row stride `stride`) -> softmax probabilities in place: keys with keep == 0 get
+// the lowest finite logit (jaxgen's masking: a fully masked row is uniform over the real keys, not NaN); padding
+// keys [keys, keys_pad) get exactly 0.
+void SoftmaxRows(float* logits, int64_t keys, int64_t keys_pad, int64_t stride, const float* keep) {
   const float lowest = std::numeric_limits<float>::lowest();
+  const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int i = 0; i < kTileRows; ++i) {
-    float* row = logits + i * keys_pad;
+    float* row = logits + i * stride;
     vf16 top16 = vf16{} + lowest;
     for (int64_t s = 0; s < keys_pad; s += 16) {
-      const vf16 x = load16(keep + s) != 0.f ? load16(row + s) : vf16{} + lowest;
+      // masked and padding keys out of the maximum (padding may hold keys a chunk does not see: a far larger
+      // logit there would cost the visible ones their precision)
+      const vi16 visible = (load16(keep + s) != 0.f) & (lanes + static_cast<int32_t>(s) < static_cast<int32_t>(keys));
+      const vf16 x = visible ? load16(row + s) : vf16{} + lowest;
       store16(row + s, x);
       top16 = x > top16 ? x : top16;
     }
@@ -479,15 +485,31 @@ void SoftmaxRows(float* logits, int64_t keys, int64_t keys_pad, const float* kee
 }
 
 struct AttentionShape {
-  int64_t batch, queries, heads, h, keys, keys_pad, h_pad;
+  int64_t batch, queries, heads, h, keys, h_pad;
   int64_t pairs() const { return batch * heads; }
   int64_t q_offset(int64_t b, int64_t n, int64_t t) const { return ((b * queries + t) * heads + n) * h; }
   int64_t k_offset(int64_t b, int64_t n) const { return (b * keys * heads + n) * h; }
   int64_t stride() const { return heads * h; }
 };
 
+// Which queries attend to which keys: chunk c holds queries [its begin, q_ends[c]) (the first begins at q_begin,
+// each next one where the previous ends), which see keys [0, k_ends[c]). A plain call is one chunk: queries [0, T),
+// keys [0, S); VAR's block-causal scales are chunks whose keys end where their queries do. The outputs `out` / dout
+// hold the window's rows only: (B, q_ends.back() - q_begin, N, H).
+struct Window {
+  int64_t q_begin;
+  ffi::Span<const int64_t> q_ends, k_ends;
+  int64_t rows() const { return q_ends.back() - q_begin; }
+  int64_t keys() const { return k_ends.back(); }
+  int64_t chunk_begin(size_t c) const { return c == 0 ? q_begin : q_ends[c - 1]; }
+  int64_t w_offset(const AttentionShape& sh, int64_t b, int64_t n, int64_t t) const {  // row t of the window
+    return ((b * rows() + t) * sh.heads + n) * sh.h;
+  }
+};
+
 ffi::Error CheckAttention(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                          ffi::Buffer<ffi::F32>& keep, AttentionShape* shape) {
+                          ffi::Buffer<ffi::F32>& keep, const Window& w,
+                          std::initializer_list<const ffi::Buffer<ffi::F32>*> window_rows, AttentionShape* shape) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   const auto vd = v.dimensions();
@@ -497,42 +519,62 @@ ffi::Error CheckAttention(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ff
     return ffi::Error::InvalidArgument(
         "jaxgen_cpu_attention: q (B, T, N, H), k = v (B, S, N, H), keep (B, S) expected");
   }
-  *shape = {qd[0], qd[1], qd[2], qd[3], kd[1], RoundUp(kd[1], kTileCols), RoundUp(qd[3], kTileCols)};
+  bool ok = w.q_ends.size() >= 1 && w.q_ends.size() == w.k_ends.size() && w.q_begin >= 0;
+  for (size_t c = 0; ok && c < w.q_ends.size(); ++c) {
+    ok = w.chunk_begin(c) < w.q_ends[c] && w.q_ends[c] <= qd[1] && w.k_ends[c] >= 1 && w.k_ends[c] <= kd[1] &&
+         (c == 0 || w.k_ends[c] >= w.k_ends[c - 1]);
+  }
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "jaxgen_cpu_attention: chunks need increasing query ends <= T and non-decreasing key ends in [1, S]");
+  }
+  for (const auto* rows : window_rows) {  // the window's rows: the output, and the output's cotangent
+    const auto d = rows->dimensions();
+    if (d.size() != 4 || d[0] != qd[0] || d[1] != w.rows() || d[2] != qd[2] || d[3] != qd[3])
+      return ffi::Error::InvalidArgument("jaxgen_cpu_attention: out / dout (B, window rows, N, H) expected");
+  }
+  *shape = {qd[0], qd[1], qd[2], qd[3], kd[1], RoundUp(qd[3], kTileCols)};
   return ffi::Error::Success();
 }
 
-// out (B, T, N, H) = softmax(q k^T * scale, keys with keep[b, s] == 0 masked) v per (batch, head).
-// Per pair: k^T and v packed once into 32-column panels, then for every 12 queries the logits (12 x S) as register
-// tiles, the softmax over each row in L1 / L2, and the probabilities x v as register tiles: no (T, S) logits ever
-// reach memory. Whole pairs go to threads, so nothing is shared.
+// out (B, W, N, H) = softmax(q k^T * scale, keys with keep[b, s] == 0 masked) v per (batch, head), for the queries
+// and keys of `Window` w. Per pair: k^T and v packed once into 32-column panels, then for every 12 queries of a chunk
+// the logits (12 x its keys) as register tiles, the softmax over each row in L1 / L2, and the probabilities x v as
+// register tiles: no (T, S) logits ever reach memory. Whole pairs go to threads, so nothing is shared.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, ffi::ResultBuffer<ffi::F32> out,
-                     float scale) {
+                     float scale, int64_t q_begin, ffi::Span<const int64_t> q_ends,
+                     ffi::Span<const int64_t> k_ends) {
   AttentionShape sh;
-  if (auto error = CheckAttention(q, k, v, keep, &sh); error.failure()) return error;
+  const Window w{q_begin, q_ends, k_ends};
+  if (auto error = CheckAttention(q, k, v, keep, w, {&(*out)}, &sh); error.failure()) return error;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *keep_p = keep.typed_data();
   float* op = out->typed_data();
+  const int64_t keys = w.keys(), keys_pad = RoundUp(keys, kTileCols);
   const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), sh.pairs()));
   RunParts(pool, parts, [=](int part) {
-    std::vector<float> kt(sh.h * sh.keys_pad), vcols(sh.keys_pad * sh.h_pad), qtile(kTileRows * sh.h),
-        probs(kTileRows * sh.keys_pad), otile(kTileRows * sh.h_pad), keep_row(sh.keys_pad, 0.f);
+    std::vector<float> kt(sh.h * keys_pad), vcols(keys_pad * sh.h_pad), qtile(kTileRows * sh.h),
+        probs(kTileRows * keys_pad), otile(kTileRows * sh.h_pad), keep_row(keys_pad, 0.f);
     for (int64_t pair = sh.pairs() * part / parts; pair < sh.pairs() * (part + 1) / parts; ++pair) {
       const int64_t b = pair / sh.heads, n = pair % sh.heads;
-      std::copy(keep_p + b * sh.keys, keep_p + (b + 1) * sh.keys, keep_row.begin());  // padding stays 0
-      PackTransposed(kp + sh.k_offset(b, n), sh.keys, sh.stride(), sh.h, sh.keys_pad, kt.data());
-      PackColumns(vp + sh.k_offset(b, n), sh.keys, sh.stride(), sh.h, sh.keys_pad, sh.h_pad, 1.f, vcols.data());
-      for (int64_t t0 = 0; t0 < sh.queries; t0 += kTileRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.queries - t0));
-        CopyTile(qp + sh.q_offset(b, n, t0), rows, sh.stride(), sh.h, scale, qtile.data());
-        for (int64_t s0 = 0; s0 < sh.keys_pad; s0 += kTileCols)
-          TileProduct(sh.h, qtile.data(), sh.h, kt.data() + s0 * sh.h, probs.data() + s0, sh.keys_pad);
-        SoftmaxRows(probs.data(), sh.keys, sh.keys_pad, keep_row.data());
-        for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
-          TileProduct(sh.keys, probs.data(), sh.keys_pad, vcols.data() + c0 * sh.keys_pad, otile.data() + c0,
-                      sh.h_pad);
-        float* ob = op + sh.q_offset(b, n, t0);
-        for (int i = 0; i < rows; ++i)
-          std::copy(otile.data() + i * sh.h_pad, otile.data() + i * sh.h_pad + sh.h, ob + i * sh.stride());
+      std::copy(keep_p + b * sh.keys, keep_p + b * sh.keys + keys, keep_row.begin());  // padding stays 0
+      PackTransposed(kp + sh.k_offset(b, n), keys, sh.stride(), sh.h, keys_pad, kt.data());
+      PackColumns(vp + sh.k_offset(b, n), keys, sh.stride(), sh.h, keys_pad, sh.h_pad, 1.f, vcols.data());
+      for (size_t c = 0; c < w.q_ends.size(); ++c) {
+        const int64_t chunk_keys = w.k_ends[c], chunk_pad = RoundUp(chunk_keys, kTileCols);
+        for (int64_t t0 = w.chunk_begin(c); t0 < w.q_ends[c]; t0 += kTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, w.q_ends[c] - t0));
+          CopyTile(qp + sh.q_offset(b, n, t0), rows, sh.stride(), sh.h, scale, qtile.data());
+          for (int64_t s0 = 0; s0 < chunk_pad; s0 += kTileCols)
+            TileProduct(sh.h, qtile.data(), sh.h, kt.data() + s0 * sh.h, probs.data() + s0, chunk_pad);
+          SoftmaxRows(probs.data(), chunk_keys, chunk_pad, chunk_pad, keep_row.data());
+          for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
+            TileProduct(chunk_keys, probs.data(), chunk_pad, vcols.data() + c0 * keys_pad, otile.data() + c0,
+                        sh.h_pad);
+          float* ob = op + w.w_offset(sh, b, n, t0 - w.q_begin);
+          for (int i = 0; i < rows; ++i)
+            std::copy(otile.data() + i * sh.h_pad, otile.data() + i * sh.h_pad + sh.h, ob + i * sh.stride());
+        }
       }
     }
   });
@@ -541,79 +583,98 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 
 // Gradients of `Attention` (dq, dk, dv) from q, k, v, keep, its output and the output's cotangent, per pair:
 // P recomputed tile by tile as in the forward pass, dP = dout v^T, dS = P (dP - rowsum(dout * out)),
-// dq = dS k * scale; then dk = dS^T (q * scale) and dv = P^T dout over the pair's whole P and dS (T x S each,
-// kept per thread), read column-wise in place.
+// dq = dS k * scale; then dk = dS^T (q * scale) and dv = P^T dout over the pair's whole P and dS (W x keys each, zero
+// past each chunk's keys, kept per thread), read column-wise in place, each key tile from the first query that sees
+// it. dq is zero outside the window, dk and dv past its last key.
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, ffi::Buffer<ffi::F32> out,
                              ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
+                             int64_t q_begin, ffi::Span<const int64_t> q_ends, ffi::Span<const int64_t> k_ends) {
   AttentionShape sh;
-  if (auto error = CheckAttention(q, k, v, keep, &sh); error.failure()) return error;
+  const Window w{q_begin, q_ends, k_ends};
+  if (auto error = CheckAttention(q, k, v, keep, w, {&out, &dout}, &sh); error.failure()) return error;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *keep_p = keep.typed_data();
   const float *op = out.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  const int64_t q_pad = RoundUp(sh.queries, kTileRows);
-  const int64_t slack = kTileRows;  // key tiles of 12 may read up to 11 columns past keys_pad (results dropped)
+  const int64_t rows_w = w.rows(), keys = w.keys(), keys_pad = RoundUp(keys, kTileCols);
+  // a chunk's last tile of 12 may run past the window; key tiles of 12 may read up to 11 columns past keys_pad
+  const int64_t p_size = (rows_w + kTileRows) * keys_pad + kTileRows;
   const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), sh.pairs()));
   RunParts(pool, parts, [=](int part) {
-    std::vector<float> kt(sh.h * sh.keys_pad), vt(sh.h * sh.keys_pad), kcols(sh.keys_pad * sh.h_pad),
-        qcols(sh.queries * sh.h_pad), docols(sh.queries * sh.h_pad), qtile(kTileRows * sh.h),
-        dotile(kTileRows * sh.h), probs(q_pad * sh.keys_pad + slack, 0.f), dscores(q_pad * sh.keys_pad + slack, 0.f),
-        gtile(kTileRows * sh.h_pad), keep_row(sh.keys_pad, 0.f);
+    std::vector<float> kt(sh.h * keys_pad), vt(sh.h * keys_pad), kcols(keys_pad * sh.h_pad),
+        qcols(rows_w * sh.h_pad), docols(rows_w * sh.h_pad), qtile(kTileRows * sh.h), dotile(kTileRows * sh.h),
+        probs(p_size, 0.f), dscores(p_size, 0.f), gtile(kTileRows * sh.h_pad), keep_row(keys_pad, 0.f);
     for (int64_t pair = sh.pairs() * part / parts; pair < sh.pairs() * (part + 1) / parts; ++pair) {
       const int64_t b = pair / sh.heads, n = pair % sh.heads, st = sh.stride();
       const float *kb = kp + sh.k_offset(b, n), *vb = vp + sh.k_offset(b, n);
-      std::copy(keep_p + b * sh.keys, keep_p + (b + 1) * sh.keys, keep_row.begin());
-      PackTransposed(kb, sh.keys, st, sh.h, sh.keys_pad, kt.data());
-      PackTransposed(vb, sh.keys, st, sh.h, sh.keys_pad, vt.data());
-      PackColumns(kb, sh.keys, st, sh.h, sh.keys_pad, sh.h_pad, 1.f, kcols.data());
-      PackColumns(qp + sh.q_offset(b, n, 0), sh.queries, st, sh.h, sh.queries, sh.h_pad, scale, qcols.data());
-      PackColumns(dop + sh.q_offset(b, n, 0), sh.queries, st, sh.h, sh.queries, sh.h_pad, 1.f, docols.data());
-      for (int64_t t0 = 0; t0 < sh.queries; t0 += kTileRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.queries - t0));
-        float* p = probs.data() + t0 * sh.keys_pad;
-        float* ds = dscores.data() + t0 * sh.keys_pad;
-        CopyTile(qp + sh.q_offset(b, n, t0), rows, st, sh.h, scale, qtile.data());
-        CopyTile(dop + sh.q_offset(b, n, t0), rows, st, sh.h, 1.f, dotile.data());
-        for (int64_t s0 = 0; s0 < sh.keys_pad; s0 += kTileCols) {
-          TileProduct(sh.h, qtile.data(), sh.h, kt.data() + s0 * sh.h, p + s0, sh.keys_pad);
-          TileProduct(sh.h, dotile.data(), sh.h, vt.data() + s0 * sh.h, ds + s0, sh.keys_pad);
-        }
-        SoftmaxRows(p, sh.keys, sh.keys_pad, keep_row.data());
-        for (int i = 0; i < kTileRows; ++i) {
-          float* pi = p + i * sh.keys_pad;
-          float* dsi = ds + i * sh.keys_pad;
-          if (i >= rows) {  // padding queries: no gradient (and nothing for dk / dv to pick up)
-            std::fill(pi, pi + sh.keys_pad, 0.f);
-            std::fill(dsi, dsi + sh.keys_pad, 0.f);
-            continue;
-          }
-          const float* oi = op + sh.q_offset(b, n, t0 + i);
-          const float* doi = dop + sh.q_offset(b, n, t0 + i);
-          float dot = 0.f;
-          for (int64_t d = 0; d < sh.h; ++d) dot += oi[d] * doi[d];
-          for (int64_t s = 0; s < sh.keys_pad; s += 16) {  // masked logits are constants: no gradient
-            const vf16 g = load16(pi + s) * (load16(dsi + s) - dot);
-            store16(dsi + s, load16(keep_row.data() + s) != 0.f ? g : vf16{});
-          }
-        }
-        for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
-          TileProduct(sh.keys, ds, sh.keys_pad, kcols.data() + c0 * sh.keys_pad, gtile.data() + c0, sh.h_pad);
-        float* dqb = dqp + sh.q_offset(b, n, t0);
-        for (int i = 0; i < rows; ++i)
-          for (int64_t d = 0; d < sh.h; ++d) dqb[i * st + d] = gtile[i * sh.h_pad + d] * scale;
+      std::copy(keep_p + b * sh.keys, keep_p + b * sh.keys + keys, keep_row.begin());
+      PackTransposed(kb, keys, st, sh.h, keys_pad, kt.data());
+      PackTransposed(vb, keys, st, sh.h, keys_pad, vt.data());
+      PackColumns(kb, keys, st, sh.h, keys_pad, sh.h_pad, 1.f, kcols.data());
+      PackColumns(qp + sh.q_offset(b, n, w.q_begin), rows_w, st, sh.h, rows_w, sh.h_pad, scale, qcols.data());
+      PackColumns(dop + w.w_offset(sh, b, n, 0), rows_w, st, sh.h, rows_w, sh.h_pad, 1.f, docols.data());
+      for (int64_t t = 0; t < sh.queries; ++t) {  // rows outside the window get no gradient
+        if (t < w.q_begin || t >= w.q_ends.back()) std::fill_n(dqp + sh.q_offset(b, n, t), sh.h, 0.f);
       }
-      for (int64_t s0 = 0; s0 < sh.keys; s0 += kTileRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, sh.keys - s0));
-        for (int which = 0; which < 2; ++which) {  // dk = dS^T (q * scale), dv = P^T dout
-          const float* a = (which == 0 ? dscores.data() : probs.data()) + s0;
-          const float* cols = which == 0 ? qcols.data() : docols.data();
+      for (size_t c = 0; c < w.q_ends.size(); ++c) {
+        const int64_t chunk_keys = w.k_ends[c], chunk_pad = RoundUp(chunk_keys, kTileCols);
+        for (int64_t t0 = w.chunk_begin(c); t0 < w.q_ends[c]; t0 += kTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, w.q_ends[c] - t0));
+          const int64_t r0 = t0 - w.q_begin;  // the tile's first row in the window
+          float* p = probs.data() + r0 * keys_pad;
+          float* ds = dscores.data() + r0 * keys_pad;
+          CopyTile(qp + sh.q_offset(b, n, t0), rows, st, sh.h, scale, qtile.data());
+          CopyTile(dop + w.w_offset(sh, b, n, r0), rows, st, sh.h, 1.f, dotile.data());
+          for (int64_t s0 = 0; s0 < chunk_pad; s0 += kTileCols) {
+            TileProduct(sh.h, qtile.data(), sh.h, kt.data() + s0 * sh.h, p + s0, keys_pad);
+            TileProduct(sh.h, dotile.data(), sh.h, vt.data() + s0 * sh.h, ds + s0, keys_pad);
+          }
+          SoftmaxRows(p, chunk_keys, chunk_pad, keys_pad, keep_row.data());
+          for (int i = 0; i < kTileRows; ++i) {
+            float* pi = p + i * keys_pad;
+            float* dsi = ds + i * keys_pad;
+            std::fill(pi + chunk_pad, pi + keys_pad, 0.f);  // keys this chunk does not see
+            std::fill(dsi + chunk_pad, dsi + keys_pad, 0.f);
+            if (i >= rows) {  // padding queries: no gradient (and nothing for dk / dv to pick up)
+              std::fill(pi, pi + chunk_pad, 0.f);
+              std::fill(dsi, dsi + chunk_pad, 0.f);
+              continue;
+            }
+            const float* oi = op + w.w_offset(sh, b, n, r0 + i);
+            const float* doi = dop + w.w_offset(sh, b, n, r0 + i);
+            float dot = 0.f;
+            for (int64_t d = 0; d < sh.h; ++d) dot += oi[d] * doi[d];
+            for (int64_t s = 0; s < chunk_pad; s += 16) {  // masked logits are constants: no gradient
+              const vf16 g = load16(pi + s) * (load16(dsi + s) - dot);
+              store16(dsi + s, load16(keep_row.data() + s) != 0.f ? g : vf16{});
+            }
+          }
           for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
-            TileProduct<true>(sh.queries, a, sh.keys_pad, cols + c0 * sh.queries, gtile.data() + c0, sh.h_pad);
+            TileProduct(chunk_keys, ds, keys_pad, kcols.data() + c0 * keys_pad, gtile.data() + c0, sh.h_pad);
+          float* dqb = dqp + sh.q_offset(b, n, t0);
+          for (int i = 0; i < rows; ++i)
+            for (int64_t d = 0; d < sh.h; ++d) dqb[i * st + d] = gtile[i * sh.h_pad + d] * scale;
+        }
+      }
+      size_t first_chunk = 0;  // the first chunk that sees key tile s0 (key ends do not decrease)
+      for (int64_t s0 = 0; s0 < keys; s0 += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, keys - s0));
+        while (w.k_ends[first_chunk] <= s0) ++first_chunk;
+        const int64_t r_first = w.chunk_begin(first_chunk) - w.q_begin;
+        for (int which = 0; which < 2; ++which) {  // dk = dS^T (q * scale), dv = P^T dout
+          const float* a = (which == 0 ? dscores.data() : probs.data()) + r_first * keys_pad + s0;
+          const float* cols = (which == 0 ? qcols.data() : docols.data()) + r_first * kTileCols;
+          for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
+            TileProduct<true>(rows_w - r_first, a, keys_pad, cols + c0 * rows_w, gtile.data() + c0, sh.h_pad);
           float* gb = (which == 0 ? dkp : dvp) + sh.k_offset(b, n) + s0 * st;
           for (int i = 0; i < rows; ++i)
             std::copy(gtile.data() + i * sh.h_pad, gtile.data() + i * sh.h_pad + sh.h, gb + i * st);
         }
+      }
+      for (int64_t s = keys; s < sh.keys; ++s) {  // keys no chunk sees
+        std::fill_n(dkp + sh.k_offset(b, n) + s * st, sh.h, 0.f);
+        std::fill_n(dvp + sh.k_offset(b, n) + s * st, sh.h, 0.f);
       }
     }
   });
@@ -696,7 +757,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("q_begin")
+                                  .Attr<ffi::Span<const int64_t>>("q_ends")
+                                  .Attr<ffi::Span<const int64_t>>("k_ends"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttention, Attention,
                               ffi::Ffi::Bind()
@@ -706,7 +770,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("q_begin")
+                                  .Attr<ffi::Span<const int64_t>>("q_ends")
+                                  .Attr<ffi::Span<const int64_t>>("k_ends"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGemv, Gemv,
                               ffi::Ffi::Bind()

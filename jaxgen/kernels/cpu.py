@@ -223,26 +223,33 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, length, scale: fl
         q, k, v, jnp.asarray(length, jnp.int32), scale=np.float32(scale))
 
 
-def _attention(q, k, v, keep, scale):
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(q, k, v, keep, scale=np.float32(scale))
+def _window_attrs(window):
+    q_begin, q_ends, k_ends = window
+    return dict(q_begin=np.int64(q_begin), q_ends=np.asarray(q_ends, np.int64), k_ends=np.asarray(k_ends, np.int64))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_vjp(q, k, v, keep, scale):
-    return _attention(q, k, v, keep, scale)
+def _attention(q, k, v, keep, scale, window):
+    rows = window[1][-1] - window[0]
+    out = jax.ShapeDtypeStruct((q.shape[0], rows) + q.shape[2:], jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(q, k, v, keep, scale=np.float32(scale),
+                                                                      **_window_attrs(window))
 
 
-def _attention_fwd(q, k, v, keep, scale):
-    out = _attention(q, k, v, keep, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention_vjp(q, k, v, keep, scale, window):
+    return _attention(q, k, v, keep, scale, window)
+
+
+def _attention_fwd(q, k, v, keep, scale, window):
+    out = _attention(q, k, v, keep, scale, window)
     return out, (q, k, v, keep, out)
 
 
-def _attention_bwd(scale, saved, g):
+def _attention_bwd(scale, window, saved, g):
     q, k, v, keep, out = saved
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
     dq, dk, dv = jax.ffi.ffi_call(ATTENTION_BACKWARD, shapes, vmap_method="sequential")(
-        q, k, v, keep, out, g.astype(jnp.float32), scale=np.float32(scale))
+        q, k, v, keep, out, g.astype(jnp.float32), scale=np.float32(scale), **_window_attrs(window))
     return dq, dk, dv, jnp.zeros_like(keep)
 
 
@@ -255,7 +262,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: 
     (the backward kernel recomputes the probabilities: nothing of size (T, S) is kept for it). Call only where
     `wanted_attention`."""
     _require()
-    return _attention_vjp(q, k, v, jnp.asarray(keep, jnp.float32), float(scale))
+    window = (0, (q.shape[1],), (k.shape[1],))
+    return _attention_vjp(q, k, v, jnp.asarray(keep, jnp.float32), float(scale), window)
+
+
+def prefix_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks, scale: float) -> jax.Array:
+    """`attention` of self-attention for the queries of static, contiguous `chunks` ((a, b), ...; each a = the
+    previous b), those of [a, b) seeing keys [0, b) only (VAR's block-causal scales): q, k, v (B, T, N, H) -> the
+    chunks' rows (B, last b - first a, N, H) float32. One kernel call reads q, k and v in place: no slices per chunk,
+    whose copies the gradient would keep (VAR-d16's train step: -0.4 GB at its peak, docs/benchmarks.md). Call only
+    where `wanted_attention`."""
+    _require()
+    if any(prev[1] != nxt[0] for prev, nxt in zip(chunks, chunks[1:])) or chunks[0][0] >= chunks[0][1]:
+        raise ValueError(f"prefix_chunk_attention needs contiguous, non-empty chunks, got {tuple(chunks)}")
+    ends = tuple(int(b) for _, b in chunks)
+    keep = jnp.ones((q.shape[0], k.shape[1]), jnp.float32)
+    return _attention_vjp(q, k, v, keep, float(scale), (int(chunks[0][0]), ends, ends))
 
 
 def _blas(x, w, transpose_x=False, transpose_w=False):

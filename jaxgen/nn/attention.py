@@ -129,10 +129,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
         if query_chunks[0][0] != 0 or query_chunks[-1][1] != q.shape[1] or any(
                 prev[1] != nxt[0] for prev, nxt in zip(query_chunks, query_chunks[1:])):
             raise ValueError(f"query_chunks {tuple(query_chunks)} must cover queries 0..{q.shape[1]} in order")
-        outs = []
-        for i, (a, b, *unmasked) in enumerate(query_chunks):
+        head_dim = q.shape[-1]
+        unmasked = [(a, b) for a, b, *rest in query_chunks if rest and rest[0]]
+        contiguous = all(prev[1] == nxt[0] for prev, nxt in zip(unmasked, unmasked[1:]))
+        together = (unmasked and contiguous and bias is None and dropout_rate == 0.0
+                    and resolve_impl(impl, q.dtype, head_dim) == "xla"
+                    and cpu_kernels.wanted_attention(q.dtype, k.dtype, v.dtype))
+        if together:
+            # the chunks that see every key before their end: one kernel call over them all, reading q, k, v in place
+            joint = cpu_kernels.prefix_chunk_attention(q, k, v, tuple(unmasked),
+                                                       float(head_dim ** -0.5 if scale is None else scale))
+        outs, row = [], 0
+        for i, (a, b, *rest) in enumerate(query_chunks):
+            if together and rest and rest[0]:
+                outs.append(joint[:, row:row + b - a].astype(q.dtype))
+                row += b - a
+                continue
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            rows_mask = None if unmasked and unmasked[0] else _rows(mask, a, b, b)
+            rows_mask = None if rest and rest[0] else _rows(mask, a, b, b)
             outs.append(dot_product_attention(q[:, a:b], k[:, :b], v[:, :b], rows_mask, _rows(bias, a, b, b),
                                               impl, scale=scale, dropout_rate=dropout_rate, dropout_rng=rng))
         return jnp.concatenate(outs, axis=1)
