@@ -26,7 +26,9 @@ and its one-scale teacher-forcing chunks): XLA:CPU writes the (B, N, T, S) logit
 between its ops (2x torch's SDPA time); the kernel computes the logits of 12 queries at a time as register tiles,
 takes the softmax in L1 / L2 and multiplies by v, per (batch, head) pair on each thread. Its backward recomputes
 the probabilities, so training keeps no (T, S) array per layer (VAR-d16's train step: 7.7 -> 7.0 s, peak RSS
-8.6 -> 7.7 GB). `jaxgen.nn.attention.dot_product_attention` dispatches to it.
+8.6 -> 7.7 GB). `jaxgen.nn.attention.dot_product_attention` dispatches to it. One call also covers a run of
+query chunks that each see the keys up to their end (`prefix_chunk_attention`, VAR's block-causal scales), reading
+q, k and v in place: per-chunk slices would be copies the gradient keeps (VAR-d16's train step: -0.4 GB).
 
 `gemm` -- XLA:CPU's dots reach 285-320 GFLOP/s on the transformer-sized products of this VM where OpenBLAS (the
 copy numpy's wheel bundles, 64-bit integers) reaches 320-345: `Dense` calls `gemm` from BLAS_MIN_ROWS rows, each
