@@ -1,8 +1,8 @@
 """The family-agnostic training loop.
 
-One jitted, donated step compiled once (ahead of time, for the abstract state and batch); params and optimizer state created sharded; async atomic checkpoints
-with the data-iterator state; exact auto-resume; SIGTERM -> save and exit 0; non-finite loss -> halt naming the
-step and the last good checkpoint. Callbacks (`on_step(trainer, step)`) run after each step on the host.
+One jitted, donated step compiled once (ahead of time, for the abstract state and batch); params and optimizer
+state created sharded; async atomic checkpoints with the data-iterator state; exact auto-resume; SIGTERM -> save
+and exit 0; non-finite loss -> halt naming the step and the last good checkpoint. Callbacks (`on_step(trainer, step)`) run after each step on the host.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class Trainer:
         else:
             start = 0
             self.maybe_init_from()
-            jax.block_until_ready(self.state)  # the fresh state (when init_from did not create it already)
+            self.state  # noqa: B018 - creates the fresh state (unless init_from did), before compiling
         # compiled after the state's arrays are in place: compiling first left XLA's freed compile-time memory
         # between them, where with huge pages MAR-B's second step took 18 s and peaked 3 GB higher
         step_fn = self.compiled_step()
