@@ -2,7 +2,8 @@
 
 One jitted, donated step compiled once (ahead of time, for the abstract state and batch); params and optimizer
 state created sharded; async atomic checkpoints with the data-iterator state; exact auto-resume; SIGTERM -> save
-and exit 0; non-finite loss -> halt naming the step and the last good checkpoint. Callbacks (`on_step(trainer, step)`) run after each step on the host.
+and exit 0; non-finite loss -> halt naming the step and the last good checkpoint. Callbacks
+(`on_step(trainer, step)`) run after each step on the host.
 """
 from __future__ import annotations
 
