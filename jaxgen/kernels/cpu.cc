@@ -33,53 +33,79 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float vf16 __attribute__((vector_size(64)));  // 16 floats: AVX-512, 2 x AVX2 or 4 x NEON registers
+// One native SIMD register of floats. A vector type wider than the target's registers has no register mode in GCC:
+// every value of it lives on the stack (a 16-float type on the AVX2-only AMD EPYC VM ran the attention tiles at
+// 1.8 GFLOP/s), so the width follows the instruction set the kernels are built for (-march=native).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE2 / NEON
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-inline vf16 load16(const float* p) {
-  vf16 v;
+inline vf loadv(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-typedef int32_t vi16 __attribute__((vector_size(64)));
+inline float SumLanes(vf v) {
+  float total = 0.f;
+  for (int j = 0; j < kLanes; ++j) total += v[j];
+  return total;
+}
+
+inline float MaxLanes(vf v) {
+  float top = v[0];
+  for (int j = 1; j < kLanes; ++j) top = std::max(top, v[j]);
+  return top;
+}
 
 // exp(x) for x <= 0 (softmax after subtracting the row maximum), ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
 // polynomial for exp(r), 2^n put into the exponent bits. Below -87 (and at -inf) the result is exactly 0.
-inline vf16 ExpNonPositive(vf16 x) {
-  const vf16 clamped = x < -87.f ? vf16{} - 87.f : x;
-  const vf16 shifter = vf16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const vf16 t = clamped * 1.44269504f + shifter;
-  const vf16 n = t - shifter;
-  const vf16 r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf16 p = vf16{} + 1.f / 720.f;
+inline vf ExpNonPositive(vf x) {
+  const vf clamped = x < -87.f ? vf{} - 87.f : x;
+  const vf shifter = vf{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const vf t = clamped * 1.44269504f + shifter;
+  const vf n = t - shifter;
+  const vf r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf p = vf{} + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const vi16 bits = (vi16)p + (((vi16)t - (vi16)shifter) << 23);
-  const vf16 result = (vf16)bits;
-  return x < -87.f ? vf16{} : result;
+  const vi bits = (vi)p + (((vi)t - (vi)shifter) << 23);
+  const vf result = (vf)bits;
+  return x < -87.f ? vf{} : result;
 }
 
-// ---- register-tiled matmul piece (BLIS style): C tile (kTileRows x 32) = A (kTileRows x depth) x B panel
-// (depth x 32, k-major). A is read in place: row i at a + i * lda (kColumns = false) or, transposed, element (i, k)
-// at a[k * lda + i] (kColumns = true). A's values are broadcast, B's read as two 16-float vectors: 2 x kTileRows
-// accumulators stay in registers (24 of AVX-512's 32 at 12 rows).
+// ---- register-tiled matmul piece (BLIS style): C tile (kTileRows x kTileCols) = A (kTileRows x depth) x B panel
+// (depth x kTileCols, k-major). A is read in place: row i at a + i * lda (kColumns = false) or, transposed, element
+// (i, k) at a[k * lda + i] (kColumns = true). A's values are broadcast, B's read as two vectors: the 2 x kTileRows
+// accumulators, B's two vectors and a broadcast stay in registers (27 of AVX-512's or NEON's 32 at 12 rows, 15 of
+// AVX2's 16 at 6).
+#if defined(__AVX512F__) || defined(__aarch64__)
 constexpr int kTileRows = 12;
-constexpr int kTileCols = 32;
+#else
+constexpr int kTileRows = 6;
+#endif
+constexpr int kTileCols = 2 * kLanes;
 
 template <bool kColumns = false>
 inline void TileProduct(int64_t depth, const float* __restrict a, int64_t lda, const float* __restrict b, float* c,
                         int64_t ldc) {
-  vf16 acc[kTileRows][2];
+  vf acc[kTileRows][2];
 #pragma GCC unroll 16
-  for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = vf16{};
+  for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = vf{};
   for (int64_t k = 0; k < depth; ++k) {
-    const vf16 b0 = load16(b + k * kTileCols), b1 = load16(b + k * kTileCols + 16);
+    const vf b0 = loadv(b + k * kTileCols), b1 = loadv(b + k * kTileCols + kLanes);
 #pragma GCC unroll 16
     for (int i = 0; i < kTileRows; ++i) {
       const float ai = kColumns ? a[k * lda + i] : a[i * lda + k];
@@ -89,8 +115,8 @@ inline void TileProduct(int64_t depth, const float* __restrict a, int64_t lda, c
   }
 #pragma GCC unroll 16
   for (int i = 0; i < kTileRows; ++i) {
-    store16(c + i * ldc, acc[i][0]);
-    store16(c + i * ldc + 16, acc[i][1]);
+    storev(c + i * ldc, acc[i][0]);
+    storev(c + i * ldc + kLanes, acc[i][1]);
   }
 }
 
@@ -105,7 +131,7 @@ template <int R>
 void PartialProduct(const float* x, int64_t k_total, const float* w, int64_t n, int64_t k0, int64_t k1,
                     float* out, int64_t out_stride) {
   for (int r = 0; r < R; ++r) std::memset(out + r * out_stride, 0, sizeof(float) * n);
-  const int64_t vec_end = n - n % 16;
+  const int64_t vec_end = n - n % kLanes;
   int64_t k = k0;
   for (; k < k1; k += 4) {
     const int rows_here = static_cast<int>(std::min<int64_t>(4, k1 - k));
@@ -116,23 +142,23 @@ void PartialProduct(const float* x, int64_t k_total, const float* w, int64_t n, 
     const float* w1 = rows_here > 1 ? w0 + n : w0;  // missing rows read row k again with a zero factor
     const float* w2 = rows_here > 2 ? w0 + 2 * n : w0;
     const float* w3 = rows_here > 3 ? w0 + 3 * n : w0;
-    // two 16-float columns per iteration: eight independent w loads in flight (3-5 % faster than one at a time)
+    // two vectors of columns per iteration: eight independent w loads in flight (3-5 % faster than one at a time)
     int64_t j = 0;
-    for (; j + 32 <= vec_end; j += 32) {
-      const vf16 v0 = load16(w0 + j), v1 = load16(w1 + j), v2 = load16(w2 + j), v3 = load16(w3 + j);
-      const vf16 u0 = load16(w0 + j + 16), u1 = load16(w1 + j + 16), u2 = load16(w2 + j + 16),
-                 u3 = load16(w3 + j + 16);
+    for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
+      const vf v0 = loadv(w0 + j), v1 = loadv(w1 + j), v2 = loadv(w2 + j), v3 = loadv(w3 + j);
+      const vf u0 = loadv(w0 + j + kLanes), u1 = loadv(w1 + j + kLanes), u2 = loadv(w2 + j + kLanes),
+                 u3 = loadv(w3 + j + kLanes);
       for (int r = 0; r < R; ++r) {
         float* o = out + r * out_stride + j;
-        store16(o, load16(o) + a[r][0] * v0 + a[r][1] * v1 + a[r][2] * v2 + a[r][3] * v3);
-        store16(o + 16, load16(o + 16) + a[r][0] * u0 + a[r][1] * u1 + a[r][2] * u2 + a[r][3] * u3);
+        storev(o, loadv(o) + a[r][0] * v0 + a[r][1] * v1 + a[r][2] * v2 + a[r][3] * v3);
+        storev(o + kLanes, loadv(o + kLanes) + a[r][0] * u0 + a[r][1] * u1 + a[r][2] * u2 + a[r][3] * u3);
       }
     }
-    for (; j < vec_end; j += 16) {
-      const vf16 v0 = load16(w0 + j), v1 = load16(w1 + j), v2 = load16(w2 + j), v3 = load16(w3 + j);
+    for (; j < vec_end; j += kLanes) {
+      const vf v0 = loadv(w0 + j), v1 = loadv(w1 + j), v2 = loadv(w2 + j), v3 = loadv(w3 + j);
       for (int r = 0; r < R; ++r) {
         float* o = out + r * out_stride + j;
-        store16(o, load16(o) + a[r][0] * v0 + a[r][1] * v1 + a[r][2] * v2 + a[r][3] * v3);
+        storev(o, loadv(o) + a[r][0] * v0 + a[r][1] * v1 + a[r][2] * v2 + a[r][3] * v3);
       }
     }
     for (int64_t j = vec_end; j < n; ++j)
@@ -318,48 +344,44 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   float* op = out->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int parts = static_cast<int>(std::min<int64_t>(threads, pairs));
-  const int64_t len_pad = RoundUp(len, 16), h_vec = h - h % 16;
+  const int64_t len_pad = RoundUp(len, kLanes), h_vec = h - h % kLanes;
   DecodeHelpers::Get(threads).Run(pool, parts, [=](int p) {
     std::vector<float> weights(len_pad);
     for (int64_t i = pairs * p / parts; i < pairs * (p + 1) / parts; ++i) {
       const float* qi = qp + i * h;  // (B, 1, N, H): pair i = b * N + n
       const float* ki = kp + i * slots * h;
       const float* vi = vp + i * slots * h;
-      // q . k per slot: 16 lanes of products summed across H, then across lanes (a scalar sum over H would be one
+      // q . k per slot: kLanes lanes of products summed across H, then across lanes (a scalar sum over H would be one
       // dependent chain of H additions per slot)
-      vf16 top16 = vf16{} - std::numeric_limits<float>::infinity();
+      vf top_v = vf{} - std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < len; ++s) {
         const float* ks = ki + s * h;
-        vf16 acc = vf16{};
-        for (int64_t d = 0; d < h_vec; d += 16) acc += load16(qi + d) * load16(ks + d);
-        float dot = 0.f;
-        for (int j = 0; j < 16; ++j) dot += acc[j];
+        vf acc = vf{};
+        for (int64_t d = 0; d < h_vec; d += kLanes) acc += loadv(qi + d) * loadv(ks + d);
+        float dot = SumLanes(acc);
         for (int64_t d = h_vec; d < h; ++d) dot += qi[d] * ks[d];
         weights[s] = dot * scale;
       }
       // padding logits -inf: ExpNonPositive makes them exactly 0
       for (int64_t s = len; s < len_pad; ++s) weights[s] = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < len_pad; s += 16) {
-        const vf16 x = load16(weights.data() + s);
-        top16 = x > top16 ? x : top16;
+      for (int64_t s = 0; s < len_pad; s += kLanes) {
+        const vf x = loadv(weights.data() + s);
+        top_v = x > top_v ? x : top_v;
       }
-      float top = top16[0];
-      for (int j = 1; j < 16; ++j) top = std::max(top, top16[j]);
-      vf16 sum16 = vf16{};
-      for (int64_t s = 0; s < len_pad; s += 16) {
-        const vf16 e = ExpNonPositive(load16(weights.data() + s) - top);
-        store16(weights.data() + s, e);
-        sum16 += e;
+      const float top = MaxLanes(top_v);
+      vf sum_v = vf{};
+      for (int64_t s = 0; s < len_pad; s += kLanes) {
+        const vf e = ExpNonPositive(loadv(weights.data() + s) - top);
+        storev(weights.data() + s, e);
+        sum_v += e;
       }
-      float total = 0.f;
-      for (int j = 0; j < 16; ++j) total += sum16[j];
-      const float inv = 1.f / total;
+      const float inv = 1.f / SumLanes(sum_v);
       float* oi = op + i * h;
-      // weights x v: 16 columns of the output at a time kept in a register across all slots
-      for (int64_t d = 0; d < h_vec; d += 16) {
-        vf16 acc = vf16{};
-        for (int64_t s = 0; s < len; ++s) acc += weights[s] * load16(vi + s * h + d);
-        store16(oi + d, acc * inv);
+      // weights x v: kLanes columns of the output at a time kept in a register across all slots
+      for (int64_t d = 0; d < h_vec; d += kLanes) {
+        vf acc = vf{};
+        for (int64_t s = 0; s < len; ++s) acc += weights[s] * loadv(vi + s * h + d);
+        storev(oi + d, acc * inv);
       }
       for (int64_t d = h_vec; d < h; ++d) {
         float acc = 0.f;
@@ -416,7 +438,8 @@ ffi::Error TopKValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
 // ---- attention over (B, T, N, H) queries and (B, S, N, H) keys / values, one (batch, head) pair per task.
 // Row r of a pair's (T or S, H) operand lies at base + r * stride (stride = N * H).
 
-// Transposed panels: panel p (h x 32) holds rows [32 p, 32 p + 32) of src (h values each), zero past `rows`.
+// Transposed panels: panel p (h x kTileCols) holds rows [kTileCols p, kTileCols (p + 1)) of src (h values each),
+// zero past `rows`.
 void PackTransposed(const float* src, int64_t rows, int64_t stride, int64_t h, int64_t rows_pad, float* dst) {
   for (int64_t r0 = 0; r0 < rows_pad; r0 += kTileCols) {
     float* panel = dst + r0 * h;
@@ -431,7 +454,8 @@ void PackTransposed(const float* src, int64_t rows, int64_t stride, int64_t h, i
   }
 }
 
-// Column panels: panel c (rows_pad x 32) holds columns [32 c, 32 c + 32) of src times `mul`, zero outside.
+// Column panels: panel c (rows_pad x kTileCols) holds columns [kTileCols c, kTileCols (c + 1)) of src times `mul`,
+// zero outside.
 void PackColumns(const float* src, int64_t rows, int64_t stride, int64_t h, int64_t rows_pad, int64_t h_pad,
                  float mul, float* dst) {
   for (int64_t c0 = 0; c0 < h_pad; c0 += kTileCols) {
@@ -453,34 +477,33 @@ void CopyTile(const float* src, int rows, int64_t stride, int64_t h, float mul, 
 // keys [keys, keys_pad) get exactly 0.
 void SoftmaxRows(float* logits, int64_t keys, int64_t keys_pad, int64_t stride, const float* keep) {
   const float lowest = std::numeric_limits<float>::lowest();
-  const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vi lanes;
+  for (int j = 0; j < kLanes; ++j) lanes[j] = j;
   for (int i = 0; i < kTileRows; ++i) {
     float* row = logits + i * stride;
-    vf16 top16 = vf16{} + lowest;
-    for (int64_t s = 0; s < keys_pad; s += 16) {
+    vf top_v = vf{} + lowest;
+    for (int64_t s = 0; s < keys_pad; s += kLanes) {
       // masked and padding keys out of the maximum (padding may hold keys a chunk does not see: a far larger
       // logit there would cost the visible ones their precision)
-      const vi16 visible = (load16(keep + s) != 0.f) & (lanes + static_cast<int32_t>(s) < static_cast<int32_t>(keys));
-      const vf16 x = visible ? load16(row + s) : vf16{} + lowest;
-      store16(row + s, x);
-      top16 = x > top16 ? x : top16;
+      const vi visible = (loadv(keep + s) != 0.f) & (lanes + static_cast<int32_t>(s) < static_cast<int32_t>(keys));
+      const vf x = visible ? loadv(row + s) : vf{} + lowest;
+      storev(row + s, x);
+      top_v = x > top_v ? x : top_v;
     }
-    float top = top16[0];
-    for (int j = 1; j < 16; ++j) top = std::max(top, top16[j]);
-    vf16 sum16 = vf16{};
-    for (int64_t s = 0; s < keys_pad; s += 16) {
-      const vf16 e = ExpNonPositive(load16(row + s) - top);
-      store16(row + s, e);
-      sum16 += e;
+    const float top = MaxLanes(top_v);
+    vf sum_v = vf{};
+    for (int64_t s = 0; s < keys_pad; s += kLanes) {
+      const vf e = ExpNonPositive(loadv(row + s) - top);
+      storev(row + s, e);
+      sum_v += e;
     }
-    float total = 0.f;
-    for (int j = 0; j < 16; ++j) total += sum16[j];
+    float total = SumLanes(sum_v);
     for (int64_t s = keys; s < keys_pad; ++s) {  // padding is no key, even where every real key is masked
       total -= row[s];
       row[s] = 0.f;
     }
     const float inv = 1.f / total;
-    for (int64_t s = 0; s < keys_pad; s += 16) store16(row + s, load16(row + s) * inv);
+    for (int64_t s = 0; s < keys_pad; s += kLanes) storev(row + s, loadv(row + s) * inv);
   }
 }
 
@@ -538,9 +561,10 @@ ffi::Error CheckAttention(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ff
 }
 
 // out (B, W, N, H) = softmax(q k^T * scale, keys with keep[b, s] == 0 masked) v per (batch, head), for the queries
-// and keys of `Window` w. Per pair: k^T and v packed once into 32-column panels, then for every 12 queries of a chunk
-// the logits (12 x its keys) as register tiles, the softmax over each row in L1 / L2, and the probabilities x v as
-// register tiles: no (T, S) logits ever reach memory. Whole pairs go to threads, so nothing is shared.
+// and keys of `Window` w. Per pair: k^T and v packed once into kTileCols-column panels, then for every kTileRows
+// queries of a chunk the logits (kTileRows x its keys) as register tiles, the softmax over each row in L1 / L2, and
+// the probabilities x v as register tiles: no (T, S) logits ever reach memory. Whole pairs go to threads, so nothing
+// is shared.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, ffi::ResultBuffer<ffi::F32> out,
                      float scale, int64_t q_begin, ffi::Span<const int64_t> q_ends,
@@ -598,7 +622,8 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   const float *op = out.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   const int64_t rows_w = w.rows(), keys = w.keys(), keys_pad = RoundUp(keys, kTileCols);
-  // a chunk's last tile of 12 may run past the window; key tiles of 12 may read up to 11 columns past keys_pad
+  // a chunk's last tile of kTileRows may run past the window; key tiles of kTileRows may read up to
+  // kTileRows - 1 columns past keys_pad
   const int64_t p_size = (rows_w + kTileRows) * keys_pad + kTileRows;
   const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), sh.pairs()));
   RunParts(pool, parts, [=](int part) {
@@ -645,9 +670,9 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
             const float* doi = dop + w.w_offset(sh, b, n, r0 + i);
             float dot = 0.f;
             for (int64_t d = 0; d < sh.h; ++d) dot += oi[d] * doi[d];
-            for (int64_t s = 0; s < chunk_pad; s += 16) {  // masked logits are constants: no gradient
-              const vf16 g = load16(pi + s) * (load16(dsi + s) - dot);
-              store16(dsi + s, load16(keep_row.data() + s) != 0.f ? g : vf16{});
+            for (int64_t s = 0; s < chunk_pad; s += kLanes) {  // masked logits are constants: no gradient
+              const vf g = loadv(pi + s) * (loadv(dsi + s) - dot);
+              storev(dsi + s, loadv(keep_row.data() + s) != 0.f ? g : vf{});
             }
           }
           for (int64_t c0 = 0; c0 < sh.h_pad; c0 += kTileCols)
