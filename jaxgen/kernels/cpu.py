@@ -23,8 +23,8 @@ T = 1 with no extra mask, bias or dropout, under the same conditions as `matmul`
 
 `attention` -- softmax(q k^T * scale) v with at most a per-key mask (MAR's encoder / decoder, VAR's cached scales
 and its one-scale teacher-forcing chunks): XLA:CPU writes the (B, N, T, S) logits to memory and reads them back
-between its ops (2x torch's SDPA time); the kernel computes the logits of 12 queries at a time as register tiles,
-takes the softmax in L1 / L2 and multiplies by v, per (batch, head) pair on each thread. Its backward recomputes
+between its ops (2x torch's SDPA time); the kernel computes the logits of a tile of queries (12 with AVX-512, 6 with
+AVX2) as register tiles, takes the softmax in L1 / L2 and multiplies by v, per (batch, head) pair on each thread. Its backward recomputes
 the probabilities, so training keeps no (T, S) array per layer (VAR-d16's train step: 7.7 -> 7.0 s, peak RSS
 8.6 -> 7.7 GB). `jaxgen.nn.attention.dot_product_attention` dispatches to it. One call also covers a run of
 query chunks that each see the keys up to their end (`prefix_chunk_attention`, VAR's block-causal scales), reading
@@ -63,6 +63,9 @@ BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the ke
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
 BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_threads_local",))
 OPT_OUT = "JAXGEN_CPU_KERNELS"
+# extra compiler flags after -march=native, e.g. "-mno-avx512f": a build for a narrower instruction set than this
+# CPU's (a cache shared across machines; the tests build the other SIMD widths this way)
+EXTRA_FLAGS = "JAXGEN_CPU_KERNELS_FLAGS"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 
 _lock = threading.Lock()
@@ -90,12 +93,18 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _extra_flags() -> list:
+    return os.environ.get(EXTRA_FLAGS, "").split()
+
+
 def library_path(compiler: str) -> str:
-    """Where the build for this source, jaxlib, compiler and CPU lives (built with -march=native, so per CPU)."""
+    """Where the build for this source, jaxlib, compiler, extra flags and CPU lives (built with -march=native, so per
+    CPU)."""
     import jaxlib
 
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode() + _cpu_flags().encode())
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode() + _cpu_flags().encode()
+                             + " ".join(_extra_flags()).encode())
     return os.path.join(cache_dir(), f"cpu_{key.hexdigest()[:16]}.so")
 
 
@@ -107,8 +116,8 @@ def build(compiler: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread",
-           f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+    cmd = [compiler, "-O3", "-march=native", *_extra_flags(), "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
+           "-pthread", f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
         os.replace(tmp, path)
