@@ -46,8 +46,10 @@ def test_loop_reads_the_out_major_copy():
         return jax.lax.fori_loop(0, 3, body, x)
 
     ours = jax.jit(run, static_argnums=2)
+    # the same products up to float32 summation order (the two layouts' dots sum in different orders: 3e-6 apart
+    # after three tanh layers on the AMD EPYC VM)
     np.testing.assert_allclose(np.asarray(ours(params, x, True)), np.asarray(ours(params, x, False)),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
     hlo = ours.lower(params, x, True).compile().as_text()
     dims = re.findall(r"f32\[16,6\]\{1,0\} dot\([^)]*\), lhs_contracting_dims=\{1\}, rhs_contracting_dims=\{(\d)\}",
                       hlo)
