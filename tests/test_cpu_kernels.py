@@ -345,9 +345,7 @@ def _other_simd_width() -> str:
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "-O2"  # no narrower x86 set to ask for: a second build of the native width
-    with open("/proc/cpuinfo") as f:
-        flags = next((line for line in f if line.startswith("flags")), "").split()
-    return "-mno-avx512f" if "avx512f" in flags else "-mno-avx"
+    return "-mno-avx512f" if "avx512f" in cpu_kernels._cpu_flags().split() else "-mno-avx"
 
 
 def test_a_narrower_simd_build_gives_the_same_numbers(tmp_path):
