@@ -103,6 +103,21 @@ def test_map_large_blocks_hands_large_blocks_back_when_freed():
     assert out.stdout.split()[0] == "False"  # opted out: glibc's defaults are left alone
 
 
+def test_jaxgens_own_settings_in_the_environment_are_no_opt_out():
+    """bench/vs_official.py gives both sides jaxgen's malloc settings as MALLOC_* variables: large blocks must still
+    get their own mappings then (on the heap, RAR-B sampling's peak grew call by call); other values opt out."""
+    from jaxgen.utils.host_memory import SETTINGS
+
+    env = _clean_env()
+    env.update(SETTINGS)
+    out = subprocess.run([sys.executable, "-c", _MAPPED_PROBE], env=env, capture_output=True, text=True, check=True)
+    applied, heap, mapped = out.stdout.split()
+    assert applied == "True" and int(heap) > 100 and int(mapped) < 8
+    env["MALLOC_ARENA_MAX"] = "2"
+    out = subprocess.run([sys.executable, "-c", _MAPPED_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False"
+
+
 def test_huge_pages_env_adds_glibcs_tunable_unless_it_does_not_apply(tmp_path, monkeypatch):
     import platform
 

@@ -8,7 +8,8 @@ the same step has no faults: 14.1 -> 10.2 s (docs/benchmarks.md). The cost: the 
 
 `keep_freed_memory()` applies this through glibc's mallopt at start-up (before the XLA thread pools exist), the
 same as the environment MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e12. It does nothing on
-non-glibc systems, when the user set any MALLOC_* variable, or with JAXGEN_HOST_MALLOC=system.
+non-glibc systems, when the user set MALLOC_* variables other than exactly those three, or with
+JAXGEN_HOST_MALLOC=system.
 
 `release_free_memory()` hands the free pages inside the heap back once, at a sampling job's phase boundaries (after
 compiling, after loading weights, after the first batch): glibc's malloc_trim(0) returns every whole free page, not
@@ -69,7 +70,14 @@ def _glibc(symbol: str, argtypes):
 
 
 def _opted_out() -> bool:
-    return os.environ.get(OPT_OUT, "") == "system" or any(k.startswith("MALLOC_") for k in os.environ)
+    """The user chose the allocator: JAXGEN_HOST_MALLOC=system, or MALLOC_* variables other than SETTINGS. The
+    settings themselves in the environment (what bench/vs_official.py gives both sides) are jaxgen's choice, not
+    another one: the phase-boundary steps below still apply (without `map_large_blocks` there, RAR-B sampling's
+    peak grew call by call in some processes: 1.59 -> 1.77 -> 1.93 GB over four calls, docs/benchmarks.md)."""
+    if os.environ.get(OPT_OUT, "") == "system":
+        return True
+    chosen = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    return bool(chosen) and chosen != SETTINGS
 
 
 def keep_freed_memory() -> bool:
