@@ -74,3 +74,33 @@ def test_frechet_distance_and_input_checks(metric):
         metric.digit_fd(np.zeros((4, 32, 32, 1), np.float32))
     with pytest.raises(DataError, match="labels"):
         metric.class_consistency(np.zeros((4, 32, 32, 1), np.uint8), np.zeros(3))
+
+
+def test_processes_starting_together_train_the_classifier_once(tmp_path, monkeypatch):
+    """First uses at the same time (two eval processes, two test workers) wait for one training, not run two."""
+    import threading
+    import time
+
+    import flax.linen as nn
+    import jax
+
+    from jaxgen.eval import digit_metric
+
+    trained = []
+
+    def slow_untrained_classifier():
+        trained.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one trains
+        return nn.unbox(digit_metric._MODEL.init(jax.random.PRNGKey(0), load_digits("test")[0][:1])["params"])
+
+    monkeypatch.setattr(digit_metric, "train_classifier", slow_untrained_classifier)
+    metrics = []
+    callers = [threading.Thread(target=lambda: metrics.append(DigitMetric.load_or_train(str(tmp_path))))
+               for _ in range(2)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert len(trained) == 1 and len(metrics) == 2
+    assert metrics[0].test_accuracy == metrics[1].test_accuracy
+    assert os.path.isfile(tmp_path / "digit_metric" / f"{digit_metric.VERSION}.npz")

@@ -9,6 +9,7 @@ under `$JAXGEN_CACHE/digit_metric/<VERSION>.npz` (default `~/.cache/jaxgen`). It
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -120,6 +121,22 @@ def cache_dir() -> str:
     return os.environ.get("JAXGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxgen")
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """An exclusive advisory lock on `lock_path` for the block (POSIX flock; no lock where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent trainers then each write a whole file (write-then-rename)
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _flatten(tree, prefix=""):
     out = {}
     for k, v in tree.items():
@@ -163,15 +180,23 @@ class DigitMetric:
     @classmethod
     def load_or_train(cls, directory: Optional[str] = None, verbose: bool = False) -> "DigitMetric":
         path = os.path.join(directory or cache_dir(), "digit_metric", f"{VERSION}.npz")
-        if os.path.isfile(path):
-            with np.load(path) as data:
-                flat = {k: data[k] for k in data.files if not k.startswith("__")}
-                accuracy = float(data["__test_accuracy__"])
-            return cls(_unflatten(flat), accuracy)
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Processes that start together (the two of a localhost jax.distributed eval, parallel test workers)
+            # wait for the first one's classifier instead of each training its own on the same cores.
+            with _exclusive(path + ".lock"):
+                if not os.path.isfile(path):
+                    return cls._train_and_cache(path, verbose)
+        with np.load(path) as data:
+            flat = {k: data[k] for k in data.files if not k.startswith("__")}
+            accuracy = float(data["__test_accuracy__"])
+        return cls(_unflatten(flat), accuracy)
+
+    @classmethod
+    def _train_and_cache(cls, path: str, verbose: bool) -> "DigitMetric":
         start = time.time()
         params = train_classifier()
         metric = cls(params)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         # Write-then-rename: concurrent processes each produce a complete file, never a torn one.
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
         with os.fdopen(fd, "wb") as f:
