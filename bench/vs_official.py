@@ -18,10 +18,11 @@ Both children run with the same environment. By default that includes the glibc 
 itself at start-up (jaxgen/utils/host_memory.py: one arena, no mmap for large blocks, no trimming), so the official
 code gets them too: otherwise both re-fault their multi-GB per-step temporaries every step, which on VMs whose
 balloon driver reports free pages to the host (this one) costs ~2 us/KB. Being exactly jaxgen's settings, they are
-no opt-out for jaxgen's child: its sampling rows still map their large blocks (`map_large_blocks`). --malloc=default
-gives both glibc's defaults (jaxgen's child then gets JAXGEN_HOST_MALLOC=system). Not shared: glibc's huge-page tunable, with which
-jaxgen's child restarts itself (`restart_with_huge_pages`, as jaxgen.main does): given to the official code it made
-it slower (MAR-B train step 8.0 -> 12.2 s in the same night; docs/benchmarks.md).
+no opt-out for jaxgen's child: its sampling rows still map their large blocks (`map_large_blocks`).
+--malloc=default gives both glibc's defaults (jaxgen's child then gets JAXGEN_HOST_MALLOC=system). Not shared:
+glibc's huge-page tunable, with which jaxgen's child restarts itself (`restart_with_huge_pages`, as jaxgen.main
+does): given to the official code it made it slower (MAR-B train step 8.0 -> 12.2 s in the same night;
+docs/benchmarks.md).
 
 On a GPU (both sides on the same device; the official side through bench/official_gpu.py, which builds the same
 official models with the anchor's builders and runs them under torch.autocast):

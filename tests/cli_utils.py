@@ -10,6 +10,8 @@ from typing import Dict, List
 from tests.xla_test_flags import with_test_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The jaxgen cache (the digit metric's classifier) of the suite and of the CLI processes it starts (conftest.py).
+TEST_CACHE = os.path.join(REPO, ".pytest_cache", "jaxgen")
 
 # A few-second kl_vae run: the fastest real family (single stage, no tokenizer).
 TINY_VAE = [
@@ -31,7 +33,7 @@ def env(devices: int = 1, **extra) -> Dict[str, str]:
     e["XLA_FLAGS"] = flags
     if not flags:
         e.pop("XLA_FLAGS")
-    e["JAXGEN_CACHE"] = e.get("JAXGEN_CACHE", os.path.join(REPO, ".pytest_cache", "jaxgen"))
+    e["JAXGEN_CACHE"] = e.get("JAXGEN_CACHE", TEST_CACHE)
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

@@ -9,11 +9,13 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# One jaxgen cache (the digit metric's classifier, trained on first use) for this process and the CLI processes
-# tests start (tests/cli_utils.py): on a fresh machine it is then trained once, not once per cache.
-os.environ.setdefault("JAXGEN_CACHE", os.path.join(_REPO, ".pytest_cache", "jaxgen"))
 
+from tests.cli_utils import TEST_CACHE  # noqa: E402
 from tests.xla_test_flags import with_test_xla_flags  # noqa: E402
+
+# One jaxgen cache (the digit metric's classifier, trained on first use) for this process and the CLI processes
+# tests start: on a fresh machine it is then trained once, not once per cache.
+os.environ.setdefault("JAXGEN_CACHE", TEST_CACHE)
 
 # The tests' programs are tiny and compile-bound: LLVM without its optimisation passes compiles them ~30 % faster
 # (a cold 8-device tiny run: 28 s instead of 40 s) and computes the same numbers (the parity and bit-exact resume
