@@ -300,6 +300,22 @@ def test_dense_uses_blas_from_blas_min_rows():
 
     assert cpu_kernels.BLAS_GEMM in lowered(cpu_kernels.BLAS_MIN_ROWS)
     assert cpu_kernels.BLAS_GEMM not in lowered(cpu_kernels.BLAS_MIN_ROWS - 1)
+    assert cpu_kernels.BLAS_GEMM in lowered(cpu_kernels.XLA_DOT_ROWS[0])  # small weights: BLAS at every row count
+
+
+def test_dense_keeps_xlas_dot_for_a_few_hundred_rows_of_large_weights():
+    width = 768  # 768 x 768 >= XLA_DOT_MIN_SIZE
+    layer = Dense(width, axes=("embed", "mlp"))
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, width)))))
+
+    def lowered(rows):
+        return jax.jit(lambda p, x: layer.apply(p, x)).lower(
+            abstract, jax.ShapeDtypeStruct((rows, width), jnp.float32)).as_text()
+
+    lo, hi = cpu_kernels.XLA_DOT_ROWS
+    assert width * width >= cpu_kernels.XLA_DOT_MIN_SIZE
+    assert cpu_kernels.BLAS_GEMM in lowered(lo - 1) and cpu_kernels.BLAS_GEMM in lowered(hi)
+    assert cpu_kernels.BLAS_GEMM not in lowered(lo) and cpu_kernels.BLAS_GEMM not in lowered(hi - 1)
 
 
 def test_blas_opt_out(monkeypatch):

@@ -31,7 +31,8 @@ query chunks that each see the keys up to their end (`prefix_chunk_attention`, V
 q, k and v in place: per-chunk slices would be copies the gradient keeps (VAR-d16's train step: -0.4 GB).
 
 `gemm` -- XLA:CPU's dots reach 285-320 GFLOP/s on the transformer-sized products of this VM where OpenBLAS (the
-copy numpy's wheel bundles, 64-bit integers) reaches 320-345: `Dense` calls `gemm` from BLAS_MIN_ROWS rows, each
+copy numpy's wheel bundles, 64-bit integers) reaches 320-345: `Dense` calls `gemm` from BLAS_MIN_ROWS rows (except
+XLA_DOT_ROWS on large weights, where XLA's dot is the faster), each
 thread of XLA's pool running one single-threaded sgemm on its block (BLAS starts no threads of its own); the
 gradients are sgemms too. Without numpy's OpenBLAS, or with JAXGEN_CPU_BLAS=0, XLA's dots stay.
 """
@@ -60,6 +61,12 @@ TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "J
 GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
 BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
+# Between these rows XLA:CPU's own dot beats the split sgemm on transformer-sized weights (at least XLA_DOT_MIN_SIZE
+# elements: 768 x 768 and up): OpenBLAS packs each thread's half of the weights for a few hundred rows only. A chain
+# of eight products, 2-core Intel VM (2026-12-07): at 64-384 rows XLA 200-350 GFLOP/s against BLAS 160-310 (e.g.
+# 144 x 1024 x 4096: 289 against 254); at 24-48 rows and from ~400 rows BLAS leads (1024 x 1024 x 4096: 364 / 328).
+XLA_DOT_ROWS = (64, 400)
+XLA_DOT_MIN_SIZE = 1 << 19
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
 BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_threads_local",))
 OPT_OUT = "JAXGEN_CPU_KERNELS"
@@ -196,9 +203,11 @@ def wanted(rows: int, x_dtype, w_dtype) -> bool:
     return rows <= MAX_ROWS and _cpu_f32(x_dtype, w_dtype) and available()
 
 
-def wanted_gemm(rows: int, x_dtype, w_dtype) -> bool:
-    """Whether a (rows, K) x (K, N) product should use `gemm` (BLAS; decided at trace time)."""
-    return rows >= BLAS_MIN_ROWS and _cpu_f32(x_dtype, w_dtype) and available() and _state.get("blas", False)
+def wanted_gemm(rows: int, x_dtype, w_dtype, w_size: int = 0) -> bool:
+    """Whether a (rows, K) x (K, N) product should use `gemm` (BLAS; decided at trace time); w_size = K * N."""
+    xla_dot_faster = XLA_DOT_ROWS[0] <= rows < XLA_DOT_ROWS[1] and w_size >= XLA_DOT_MIN_SIZE
+    return (rows >= BLAS_MIN_ROWS and not xla_dot_faster and _cpu_f32(x_dtype, w_dtype) and available()
+            and _state.get("blas", False))
 
 
 def wanted_attention(q_dtype, k_dtype, v_dtype) -> bool:

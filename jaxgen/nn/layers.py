@@ -64,7 +64,7 @@ class Dense(nn.Module):
         x2, k = x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype)
         if cpu_kernels.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound by reading the kernel
             y = cpu_kernels.matmul(x2, k)
-        elif cpu_kernels.wanted_gemm(x2.shape[0], x2.dtype, k.dtype):  # BLAS: 5-10 % over XLA:CPU's dots
+        elif cpu_kernels.wanted_gemm(x2.shape[0], x2.dtype, k.dtype, k.size):  # BLAS: 5-10 % over XLA:CPU's dots
             y = cpu_kernels.gemm(x2, k)
         else:
             y = jnp.dot(x2, k, preferred_element_type=jnp.float32)
