@@ -378,3 +378,43 @@ def test_a_narrower_simd_build_gives_the_same_numbers(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert list((tmp_path / "kernels").glob("cpu_*.so")), "the child did not build its own kernels"
     assert " passed" in done.stdout and "deselected" in done.stdout
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 9, 7, 96), 32), ((3, 300, 40), 8), ((1, 2, 2, 64), 32)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_kernel_is_the_reference_with_its_gradient(shape, groups, silu):
+    """Channel counts off the SIMD width (40), more pixels than one statistics block (300 > 256), a shifted mean."""
+    from jaxgen.nn.conv import _group_norm_kernel, _group_norm_reference
+
+    rng = np.random.default_rng(len(shape) + groups)
+    x = jnp.asarray(rng.standard_normal(shape) * 3.0 + 20.0, jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32) for _ in range(2))
+    x64 = np.asarray(x, np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+    centred = x64 - x64.mean(axis=(1, 3), keepdims=True)
+    want = (centred / np.sqrt(centred.var(axis=(1, 3), keepdims=True) + 1e-6)).reshape(shape)
+    want = want * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+    if silu:
+        want = want / (1.0 + np.exp(-want))
+    got = jax.jit(lambda *a: _group_norm_kernel(*a, groups, 1e-6, silu))(x, scale, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.sin(fn(*a, groups, 1e-6, silu)))
+
+    for g_kernel, g_ref in zip(jax.grad(loss(_group_norm_kernel), argnums=(0, 1, 2))(x, scale, bias),
+                               jax.grad(loss(_group_norm_reference), argnums=(0, 1, 2))(x, scale, bias)):
+        np.testing.assert_allclose(g_kernel, g_ref, rtol=1e-3, atol=1e-3)  # sums of up to 900 terms
+
+
+def test_group_norm_takes_the_kernel_at_inference_only():
+    from jaxgen.nn.conv import GroupNorm
+
+    layer = GroupNorm(num_groups=4)
+    x = jnp.ones((2, 4, 4, 8))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), x))
+
+    def lowered(deterministic):
+        return jax.jit(lambda p, x: layer.apply(p, x, silu=True, deterministic=deterministic)).lower(
+            params, x).as_text()
+
+    assert cpu_kernels.GROUP_NORM in lowered(True) and cpu_kernels.GROUP_NORM not in lowered(False)

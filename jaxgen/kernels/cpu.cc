@@ -5,6 +5,7 @@
 //     keys only, over chunks of queries that each see a prefix of the keys (block-causal), and its gradients.
 //   JaxgenCpuTopKValues: the k largest values of each row, descending (lax.top_k's values) by selection, not sort.
 //   JaxgenCpuBlasGemm: y = op(x) @ op(w) through a CBLAS sgemm handed over by `JaxgenSetBlas` (numpy's OpenBLAS).
+//   JaxgenCpuGroupNorm: GroupNorm over NHWC, optionally followed by SiLU, reading x twice.
 //
 // At a few rows a matmul is bound by reading w once. The kernel reads w as one sequential stream per thread: the
 // K rows of w are split into contiguous parts (one per thread), each part read row after row into its own (M, N)
@@ -66,10 +67,9 @@ inline float MaxLanes(vf v) {
   return top;
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the row maximum), ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
-// polynomial for exp(r), 2^n put into the exponent bits. Below -87 (and at -inf) the result is exactly 0.
-inline vf ExpNonPositive(vf x) {
-  const vf clamped = x < -87.f ? vf{} - 87.f : x;
+// exp of x clamped to [-87, 88] by the caller, ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for
+// exp(r), 2^n put into the exponent bits (n in [-126, 127]: a normal float).
+inline vf ExpInRange(vf clamped) {
   const vf shifter = vf{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
   const vf t = clamped * 1.44269504f + shifter;
   const vf n = t - shifter;
@@ -82,7 +82,12 @@ inline vf ExpNonPositive(vf x) {
   p = p * r + 1.f;
   p = p * r + 1.f;
   const vi bits = (vi)p + (((vi)t - (vi)shifter) << 23);
-  const vf result = (vf)bits;
+  return (vf)bits;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the row maximum). Below -87 (and at -inf) the result is exactly 0.
+inline vf ExpNonPositive(vf x) {
+  const vf result = ExpInRange(x < -87.f ? vf{} - 87.f : x);
   return x < -87.f ? vf{} : result;
 }
 
@@ -430,6 +435,125 @@ ffi::Error TopKValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
       std::sort(keys.begin(), keys.begin() + k, std::greater<int32_t>());
       float* o = op + r * k;
       for (int64_t i = 0; i < k; ++i) o[i] = FromOrderKey(keys[i]);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---- GroupNorm, optionally followed by SiLU, over NHWC float32 viewed as x (B, P, C): per (batch, group) the mean
+// and biased variance over P pixels x C / G channels, y = (x - mean) * rsqrt(var + eps) * scale + bias, then (silu)
+// y / (1 + exp(-y)) as torch's SiLU. XLA:CPU reads x three times (two reductions, then the normalisation) at
+// ~10 GB/s; here x is read twice in all and y written once. Statistics per block of kNormPixels pixels: the block's
+// per-channel mean, then its sum of squared deviations from that mean (the second pass finds the block in L2), the
+// blocks and then a group's channels merged with Chan's formula in double. So no one-pass sum of squares loses the
+// variance to cancellation; the summation order differs from the two-pass reference only.
+
+// exp(x) for any float x, x clamped to [-87, 88] (so exp(-y) of y < -88 is ~1.6e38, not inf: SiLU gives ~-5e-37
+// there instead of -0).
+inline vf ExpClamped(vf x) {
+  const vf lo = vf{} - 87.f, hi = vf{} + 88.f;
+  return ExpInRange(x < lo ? lo : (x > hi ? hi : x));
+}
+
+constexpr int64_t kNormPixels = 256;
+
+struct Moments {  // count, mean, sum of squared deviations
+  double n = 0, mean = 0, m2 = 0;
+  void Merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    const double total = n + nb, delta = mean_b - mean;
+    mean += delta * nb / total;
+    m2 += m2_b + delta * delta * n * nb / total;
+    n = total;
+  }
+};
+
+ffi::Error GroupNormSilu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, float eps, int64_t groups,
+                         bool silu) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 2 || groups < 1 || xd.back() % groups != 0 || scale.element_count() != xd.back() ||
+      bias.element_count() != xd.back() || y->element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "jaxgen_cpu_group_norm: x (B, ..., C) with C divisible by groups, scale and bias (C,) expected");
+  }
+  const int64_t batch = xd[0], c = xd.back(), pixels = x.element_count() / (batch * c), per_group = c / groups;
+  const float *xp = x.typed_data(), *scale_p = scale.typed_data(), *bias_p = bias.typed_data();
+  float* yp = y->typed_data();
+  const int64_t blocks = (pixels + kNormPixels - 1) / kNormPixels, tasks = batch * blocks;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // per (batch, block) and channel: the block's mean and sum of squared deviations
+  std::vector<float> block_mean(tasks * c), block_m2(tasks * c);
+  float *mean_p = block_mean.data(), *m2_p = block_m2.data();
+  const int stat_parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
+  RunParts(pool, stat_parts, [=](int p) {
+    for (int64_t t = tasks * p / stat_parts; t < tasks * (p + 1) / stat_parts; ++t) {
+      const int64_t b = t / blocks, p0 = (t % blocks) * kNormPixels, p1 = std::min(pixels, p0 + kNormPixels);
+      const float* xb = xp + (b * pixels + p0) * c;
+      float *mean = mean_p + t * c, *m2 = m2_p + t * c;
+      const float inv = 1.f / static_cast<float>(p1 - p0);
+      std::fill_n(mean, c, 0.f);
+      std::fill_n(m2, c, 0.f);
+      for (int64_t i = 0; i < p1 - p0; ++i) {
+        const float* row = xb + i * c;
+        int64_t j = 0;
+        for (; j + kLanes <= c; j += kLanes) storev(mean + j, loadv(mean + j) + loadv(row + j));
+        for (; j < c; ++j) mean[j] += row[j];
+      }
+      for (int64_t j = 0; j < c; ++j) mean[j] *= inv;
+      for (int64_t i = 0; i < p1 - p0; ++i) {
+        const float* row = xb + i * c;
+        int64_t j = 0;
+        for (; j + kLanes <= c; j += kLanes) {
+          const vf d = loadv(row + j) - loadv(mean + j);
+          storev(m2 + j, loadv(m2 + j) + d * d);
+        }
+        for (; j < c; ++j) {
+          const float d = row[j] - mean[j];
+          m2[j] += d * d;
+        }
+      }
+    }
+  });
+  // per (batch, channel): the multiplier and offset of y = x * a + o
+  std::vector<float> mul(batch * c), add(batch * c);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t g = 0; g < groups; ++g) {
+      Moments group;
+      for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+        Moments channel;
+        for (int64_t k = 0; k < blocks; ++k) {
+          const int64_t t = b * blocks + k, n = std::min(pixels, (k + 1) * kNormPixels) - k * kNormPixels;
+          channel.Merge(static_cast<double>(n), block_mean[t * c + j], block_m2[t * c + j]);
+        }
+        group.Merge(channel.n, channel.mean, channel.m2);
+      }
+      const double rstd = 1.0 / std::sqrt(group.m2 / group.n + static_cast<double>(eps));
+      for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+        const double a = rstd * scale_p[j];
+        mul[b * c + j] = static_cast<float>(a);
+        add[b * c + j] = static_cast<float>(bias_p[j] - group.mean * a);
+      }
+    }
+  }
+  const float *mul_p = mul.data(), *add_p = add.data();
+  const int64_t rows = batch * pixels;
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64)));
+  RunParts(pool, parts, [=](int p) {
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      const float *row = xp + r * c, *a = mul_p + (r / pixels) * c, *o = add_p + (r / pixels) * c;
+      float* out = yp + r * c;
+      int64_t j = 0;
+      for (; j + kLanes <= c; j += kLanes) {
+        vf v = loadv(row + j) * loadv(a + j) + loadv(o + j);
+        if (silu) v = v / (vf{} + 1.f + ExpClamped(-v));
+        storev(out + j, v);
+      }
+      for (; j < c; ++j) {
+        float v = row[j] * a[j] + o[j];
+        if (silu) v = v / (1.f + std::exp(std::min(-v, 88.f)));
+        out[j] = v;
+      }
     }
   });
   return ffi::Error::Success();
@@ -816,6 +940,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGroupNorm, GroupNormSilu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("silu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuTopKValues, TopKValues,
                               ffi::Ffi::Bind()

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample, swish
+from jaxgen.nn.conv import AttnBlock, Conv, Downsample, GroupNorm, ResnetBlock, Upsample
 
 Dtype = Any
 
@@ -108,7 +108,7 @@ class ConvEncoder(_ConvStack):
             h = _Level(self.ch * mult, self.num_res_blocks, i in tuple(self.attn_levels),
                        "down" if i != last else None, name=f"down_{i}", **level)(h, deterministic)
         h = _Mid(self.mid_attn, name="mid", **level)(h, deterministic)
-        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
+        h = GroupNorm(self.num_groups, name="norm_out", **kw)(h, silu=True, deterministic=deterministic)
         return Conv(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)
 
 
@@ -125,5 +125,5 @@ class ConvDecoder(_ConvStack):
         for i in reversed(range(len(self.ch_mult))):
             h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, i in tuple(self.attn_levels),
                        "up" if i != 0 else None, name=f"up_{i}", **level)(h, deterministic)
-        h = swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
+        h = GroupNorm(self.num_groups, name="norm_out", **kw)(h, silu=True, deterministic=deterministic)
         return Conv(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)

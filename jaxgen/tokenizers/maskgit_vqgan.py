@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import strict
-from jaxgen.nn.conv import Conv, Downsample, GroupNorm, ResnetBlock, swish
+from jaxgen.nn.conv import Conv, Downsample, GroupNorm, ResnetBlock
 from jaxgen.nn.layers import with_axes
 from jaxgen.nn.quantizer import code_counts, commitment_loss, lookup, nearest_code, straight_through
 
@@ -99,7 +99,7 @@ class Encoder(_Stack):
                        name=f"down_{i}")(h, deterministic)
         for j in range(self.num_res_blocks):
             h = self._res(ch * mult[-1], f"mid_{j}")(h, deterministic)
-        h = swish(self._norm("norm_out")(h))
+        h = self._norm("norm_out")(h, silu=True, deterministic=deterministic)
         return self._conv(self.out_channels, 1, True, "conv_out")(h)
 
 
@@ -115,7 +115,7 @@ class Decoder(_Stack):
         for i in reversed(range(len(mult))):
             h = _Level(**self._fields(), features=ch * mult[i], resample="up" if i != 0 else None,
                        name=f"up_{i}")(h, deterministic)
-        h = swish(self._norm("norm_out")(h))
+        h = self._norm("norm_out")(h, silu=True, deterministic=deterministic)
         return self._conv(self.out_channels, 3, True, "conv_out")(h)
 
 
