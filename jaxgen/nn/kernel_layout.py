@@ -19,6 +19,8 @@ Only XLA:CPU gets the copies (`wanted`); other backends lay out their operands t
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
@@ -65,6 +67,27 @@ def to_out_major(params: Any, select: Callable[[Path, Any], bool]) -> Any:
             return leaf
         return OutMajor(jnp.transpose(leaf))
     return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_out_major)
+
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def out_major_views():
+    """Trace a loop body that reads `in_major` views inside this: `jaxgen.nn.layers.Dense` then keeps XLA's dot, which
+    folds a view's transpose. jaxgen's BLAS and few-row kernels take (in, out) operands, so XLA would copy every
+    viewed kernel back at every step (MAR-B's head at 24+ rows: 12 transposed 1024 x 1024 copies per DDPM step)."""
+    depth = getattr(_tracing, "depth", 0)
+    _tracing.depth = depth + 1
+    try:
+        yield
+    finally:
+        _tracing.depth = depth
+
+
+def tracing_views() -> bool:
+    """Whether a body reading out-major views is being traced (`out_major_views`)."""
+    return getattr(_tracing, "depth", 0) > 0
 
 
 def in_major(params: Any) -> Any:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.kernels import cpu as cpu_kernels
+from jaxgen.nn import kernel_layout
 from jaxgen.nn.dropout import dropout
 
 Dtype = Any
@@ -62,9 +63,10 @@ class Dense(nn.Module):
         # transposed copy of the activations (measured ~1.7x slower backward than the 2-D form).
         lead = x.shape[:-1]
         x2, k = x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype)
-        if cpu_kernels.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound by reading the kernel
-            y = cpu_kernels.matmul(x2, k)
-        elif cpu_kernels.wanted_gemm(x2.shape[0], x2.dtype, k.dtype, k.size):  # BLAS: 5-10 % over XLA:CPU's dots
+        views = kernel_layout.tracing_views()  # an out-major kernel's (in, out) view: XLA's dot folds its transpose
+        if not views and cpu_kernels.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound by
+            y = cpu_kernels.matmul(x2, k)                                     # reading the kernel
+        elif not views and cpu_kernels.wanted_gemm(x2.shape[0], x2.dtype, k.dtype, k.size):  # BLAS: 5-10 % over XLA
             y = cpu_kernels.gemm(x2, k)
         else:
             y = jnp.dot(x2, k, preferred_element_type=jnp.float32)

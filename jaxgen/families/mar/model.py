@@ -17,6 +17,7 @@ NCHW patchify, so converted weights (z_proj, diffusion head) apply unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -278,8 +279,12 @@ def embedded_denoiser(model: MAR, variables, guided: bool, step_params=None):
     def step_variables():  # called inside the DDPM loop's body: XLA folds the in-major views into the dots
         return variables if step_params is None else {**variables, "params": kernel_layout.in_major(step_params)}
 
-    body = (lambda x_t, m, s: model.apply(step_variables(), x_t, m, s, method=MAR.denoise_modulated_with_cfg)) \
-        if guided else (lambda x_t, m: model.apply(step_variables(), x_t, m, method=MAR.denoise_modulated))
+    def apply_step(*args, method):
+        with kernel_layout.out_major_views() if step_params is not None else contextlib.nullcontext():
+            return model.apply(step_variables(), *args, method=method)
+
+    body = (lambda x_t, m, s: apply_step(x_t, m, s, method=MAR.denoise_modulated_with_cfg)) \
+        if guided else (lambda x_t, m: apply_step(x_t, m, method=MAR.denoise_modulated))
     return EmbeddedDenoiser(time=lambda t: model.apply(variables, t, method=MAR.diffusion_time_embedding),
                             condition=lambda c: model.apply(variables, c, method=MAR.diffusion_condition_embedding),
                             body=body, modulate=lambda y: model.apply(variables, y, method=MAR.diffusion_modulations))
