@@ -372,7 +372,7 @@ def test_a_narrower_simd_build_gives_the_same_numbers(tmp_path):
     import sys
 
     env = dict(os.environ, JAXGEN_CACHE_DIR=str(tmp_path), **{cpu_kernels.EXTRA_FLAGS: _other_simd_width()})
-    tests = "float64 or decode_attention_is_the_masked or kernel_builds_here"
+    tests = "float64 or decode_attention_is_the_masked or kernel_builds_here or group_norm_kernel or matmul_wt"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k",
                            tests, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -418,3 +418,19 @@ def test_group_norm_takes_the_kernel_at_inference_only():
             params, x).as_text()
 
     assert cpu_kernels.GROUP_NORM in lowered(True) and cpu_kernels.GROUP_NORM not in lowered(False)
+
+
+@pytest.mark.parametrize("m,k,n", [(9, 64, 70), (16, 1024, 48), (13, 37, 6), (48, 100, 13)])
+def test_matmul_wt_reads_out_major_kernels(m, k, n):
+    """Row counts off the 4-row tiles, column counts off the column groups, K off the SIMD width; gradients too."""
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    wt = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    x64, wt64 = np.asarray(x, np.float64), np.asarray(wt, np.float64)
+    assert cpu_kernels.wanted_wt(m, jnp.float32, jnp.float32)
+    np.testing.assert_allclose(jax.jit(cpu_kernels.matmul_wt)(x, wt), x64 @ wt64.T, rtol=1e-5,
+                               atol=1e-4 * np.sqrt(k))
+    g = rng.standard_normal((m, n))
+    gx, gwt = jax.grad(lambda x, wt: jnp.sum(cpu_kernels.matmul_wt(x, wt) * g), argnums=(0, 1))(x, wt)
+    np.testing.assert_allclose(gx, g @ wt64, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(gwt, g.T @ x64, rtol=1e-4, atol=1e-3)

@@ -1,5 +1,6 @@
 // jaxgen's XLA:CPU FFI kernels for decode steps (see cpu.py for why), float32:
 //   JaxgenCpuGemv: y (M, N) = x (M, K) @ w (K, N) for a few rows M.
+//   JaxgenCpuGemmWt: y (M, N) = x (M, K) @ wt (N, K)^T for a dozen or two rows M (out-major kernels).
 //   JaxgenCpuDecodeAttention: one query per (batch, head) against the first `length` slots of a KV cache.
 //   JaxgenCpuAttention(+Backward): softmax(q k^T * scale) v for many queries per (batch, head), with a mask over
 //     keys only, over chunks of queries that each see a prefix of the keys (block-causal), and its gradients.
@@ -325,6 +326,75 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     const float* src = partials->data() + static_cast<size_t>(p - 1) * rows * n;
     for (int64_t i = 0; i < rows * n; ++i) yp[i] += src[i];
   }
+  return ffi::Error::Success();
+}
+
+// y (M, N) = x (M, K) @ wt (N, K)^T for a dozen or two rows (`jaxgen.nn.kernel_layout`'s out-major kernels: MAR's
+// diffusion head at 12-28 rows per DDPM step). XLA's dot reads such a kernel at ~13 GB/s; here each thread streams
+// its contiguous block of wt rows once, kCols rows (kCols x K floats, kept in L1) against every kRows-row tile of x
+// (in L2): kRows x kCols register accumulators along K, summed across their lanes at the end.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kWtCols = 6;  // 24 accumulators + 6 wt + 1 x of the 32 registers
+#else
+constexpr int kWtCols = 2;  // AVX2's 16 registers: 8 accumulators + 2 wt + 1 x
+#endif
+constexpr int kWtRows = 4;
+
+template <int R, int C>
+void WtTile(const float* x, const float* wt, int64_t k, float* y, int64_t n) {
+  vf acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = vf{};
+  const int64_t vec_end = k - k % kLanes;
+  for (int64_t i = 0; i < vec_end; i += kLanes) {
+    vf w[C];
+    for (int c = 0; c < C; ++c) w[c] = loadv(wt + c * k + i);
+    for (int r = 0; r < R; ++r) {
+      const vf xv = loadv(x + r * k + i);
+      for (int c = 0; c < C; ++c) acc[r][c] += xv * w[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float total = SumLanes(acc[r][c]);
+      for (int64_t i = vec_end; i < k; ++i) total += x[r * k + i] * wt[c * k + i];
+      y[r * n + c] = total;
+    }
+  }
+}
+
+template <int C>
+void WtColumns(int rows, const float* x, const float* wt, int64_t k, float* y, int64_t n) {
+  int r = 0;
+  for (; r + kWtRows <= rows; r += kWtRows) WtTile<kWtRows, C>(x + r * k, wt, k, y + r * n, n);
+  switch (rows - r) {
+    case 1: WtTile<1, C>(x + r * k, wt, k, y + r * n, n); break;
+    case 2: WtTile<2, C>(x + r * k, wt, k, y + r * n, n); break;
+    case 3: WtTile<3, C>(x + r * k, wt, k, y + r * n, n); break;
+    default: break;
+  }
+}
+
+ffi::Error GemmWt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wt,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = wt.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("jaxgen_cpu_gemm_wt: x (M, K) and wt (N, K) expected");
+  }
+  const int rows = static_cast<int>(xd[0]);
+  const int64_t k = xd[1], n = wd[0];
+  const float *xp = x.typed_data(), *wp = wt.typed_data();
+  float* yp = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / 64)));
+  DecodeHelpers::Get(threads).Run(pool, parts, [=](int p) {
+    const int64_t units = n / kWtCols;  // whole column groups per part; the last part takes the remainder
+    const int64_t c0 = units * p / parts * kWtCols, c1 = p + 1 == parts ? n : units * (p + 1) / parts * kWtCols;
+    int64_t c = c0;
+    for (; c + kWtCols <= c1; c += kWtCols) WtColumns<kWtCols>(rows, xp, wp + c * k, k, yp + c, n);
+    for (; c < c1; ++c) WtColumns<1>(rows, xp, wp + c * k, k, yp + c, n);
+  });
   return ffi::Error::Success();
 }
 
@@ -923,6 +993,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuAttention, Attention,
                                   .Attr<int64_t>("q_begin")
                                   .Attr<ffi::Span<const int64_t>>("q_ends")
                                   .Attr<ffi::Span<const int64_t>>("k_ends"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGemmWt, GemmWt,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCpuGemv, Gemv,
                               ffi::Ffi::Bind()

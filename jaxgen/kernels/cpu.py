@@ -58,8 +58,8 @@ MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen
 TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
            "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
            "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm", "jaxgen_cpu_top_k_values": "JaxgenCpuTopKValues",
-           "jaxgen_cpu_group_norm": "JaxgenCpuGroupNorm"}
-GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES, GROUP_NORM = TARGETS
+           "jaxgen_cpu_group_norm": "JaxgenCpuGroupNorm", "jaxgen_cpu_gemm_wt": "JaxgenCpuGemmWt"}
+GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES, GROUP_NORM, GEMM_WT = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
 BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
 # Between these rows XLA:CPU's own dot beats the split sgemm on transformer-sized weights (at least XLA_DOT_MIN_SIZE
@@ -67,6 +67,7 @@ BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the ke
 # of eight products, 2-core Intel VM (2026-12-07): at 64-384 rows XLA 200-350 GFLOP/s against BLAS 160-310 (e.g.
 # 144 x 1024 x 4096: 289 against 254); at 24-48 rows and from ~400 rows BLAS leads (1024 x 1024 x 4096: 364 / 328).
 XLA_DOT_ROWS = (64, 400)
+WT_ROWS = (9, 48)  # `matmul_wt` (out-major kernels) from above MAX_ROWS to the rows measured
 XLA_DOT_MIN_SIZE = 1 << 19
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
 BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_threads_local",))
@@ -202,6 +203,11 @@ def _cpu_f32(*dtypes) -> bool:
 def wanted(rows: int, x_dtype, w_dtype) -> bool:
     """Whether a (rows, K) x (K, N) product should use `matmul` (decided at trace time)."""
     return rows <= MAX_ROWS and _cpu_f32(x_dtype, w_dtype) and available()
+
+
+def wanted_wt(rows: int, x_dtype, w_dtype) -> bool:
+    """Whether a (rows, K) x (K, N) product whose kernel is stored out-major (N, K) should use `matmul_wt`."""
+    return WT_ROWS[0] <= rows <= WT_ROWS[1] and _cpu_f32(x_dtype, w_dtype) and available()
 
 
 def wanted_gemm(rows: int, x_dtype, w_dtype, w_size: int = 0) -> bool:
@@ -342,6 +348,31 @@ def _gemm_bwd(saved, g):
 
 
 gemm.defvjp(_gemm_fwd, _gemm_bwd)
+
+
+def matmul_wt(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """x (M, K) @ wt.T for wt (N, K) stored out-major -> (M, N) float32 (call only where `wanted_wt`); gradients
+    are plain dots."""
+    return _matmul_wt(x, wt)
+
+
+@jax.custom_vjp
+def _matmul_wt(x, wt):
+    _require()
+    out = jax.ShapeDtypeStruct((x.shape[0], wt.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(GEMM_WT, out, vmap_method="sequential")(x, wt)
+
+
+def _matmul_wt_fwd(x, wt):
+    return _matmul_wt(x, wt), (x, wt)
+
+
+def _matmul_wt_bwd(saved, g):
+    x, wt = saved
+    return g @ wt, g.T @ x
+
+
+_matmul_wt.defvjp(_matmul_wt_fwd, _matmul_wt_bwd)
 
 
 @jax.custom_vjp
