@@ -2,7 +2,7 @@
 reading their operands, a many-query attention (forward and backward) that keeps its logits in cache, and large
 matmuls through numpy's OpenBLAS. All are used on the CPU backend with one device and float32 operands only.
 
-`matmul` -- why: decode loops multiply 1-8 rows by every weight matrix of the model per step (RAR's KV-cached
+`matmul` -- why: decode loops multiply a few rows by every weight matrix of the model per step (RAR's KV-cached
 decode: 4 rows, 680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
 11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; the kernel splits the weight rows
 into one contiguous part per thread and reads them at ~22 GB/s (a chain of RAR-B-sized f32 kernels at 4 rows,
@@ -30,6 +30,12 @@ the probabilities, so training keeps no (T, S) array per layer (VAR-d16's train 
 query chunks that each see the keys up to their end (`prefix_chunk_attention`, VAR's block-causal scales), reading
 q, k and v in place: per-chunk slices would be copies the gradient keeps (VAR-d16's train step: -0.4 GB).
 
+`matmul_wt` -- the same for kernels stored out-major (N, K) (`jaxgen.nn.kernel_layout`, MAR's diffusion head at
+12-28 rows per DDPM step): register tiles of 4 rows x 6 kernel rows along K, each thread streaming its block of
+kernel rows once (twelve 1024 x 1024 kernels at 16 rows: 3.8 -> 2.5 ms against XLA's dot on the views).
+
+`group_norm` -- GroupNorm (+ SiLU) at inference in two reads of x and one write (XLA: three reads at ~10 GB/s).
+
 `gemm` -- XLA:CPU's dots reach 285-320 GFLOP/s on the transformer-sized products of this VM where OpenBLAS (the
 copy numpy's wheel bundles, 64-bit integers) reaches 320-345: `Dense` calls `gemm` from BLAS_MIN_ROWS rows (except
 XLA_DOT_ROWS on large weights, where XLA's dot is the faster), each
@@ -54,7 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_ROWS = 8  # at 12+ rows the MAR head reads out-major kernels instead (jaxgen.nn.kernel_layout)
+# `matmul` streams the kernel once per 8 rows (cpu.cc's kMaxRows): at 9-23 rows still 1.5-1.7x XLA's dot on weights
+# read from memory (VAR-d16's 16-row scale; 2-core Intel VM, 2026-12-07). MAR's head at 12+ rows reads out-major
+# copies through `matmul_wt` instead (jaxgen.nn.kernel_layout).
+MAX_ROWS = 23
 TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
            "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
            "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm", "jaxgen_cpu_top_k_values": "JaxgenCpuTopKValues",
@@ -67,7 +76,7 @@ BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the ke
 # of eight products, 2-core Intel VM (2026-12-07): at 64-384 rows XLA 200-350 GFLOP/s against BLAS 160-310 (e.g.
 # 144 x 1024 x 4096: 289 against 254); at 24-48 rows and from ~400 rows BLAS leads (1024 x 1024 x 4096: 364 / 328).
 XLA_DOT_ROWS = (64, 400)
-WT_ROWS = (9, 48)  # `matmul_wt` (out-major kernels) from above MAX_ROWS to the rows measured
+WT_ROWS = (9, 48)  # `matmul_wt` (out-major kernels): the rows measured
 XLA_DOT_MIN_SIZE = 1 << 19
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
 BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_threads_local",))

@@ -14,7 +14,8 @@ written next to its dot back into the dot, so the copy is made OUTSIDE the loop 
 dots, which then read the (out, in) copies. The products are equal up to float32 summation order.
 Not for weights streamed from memory at a few rows: RAR-B's decode loop (4 rows, 680 MB of block kernels) got
 slower (20.3 -> 21.9 s per sample) and held the copies besides the params (peak RSS 1.67 -> 3.16 GB). Up to
-`jaxgen.kernels.cpu.MAX_ROWS` (8) rows `Dense` uses jaxgen's own kernel on the in-major params instead (jaxgen.kernels).
+`jaxgen.kernels.cpu.MAX_ROWS` rows `Dense` uses jaxgen's own kernel on the in-major params instead (jaxgen.kernels);
+on out-major views it uses `jaxgen.kernels.cpu.matmul_wt` (`out_major_views`).
 Only XLA:CPU gets the copies (`wanted`); other backends lay out their operands themselves.
 """
 from __future__ import annotations
