@@ -6,6 +6,9 @@
   them) at R rows, `--steps` steps in one jitted loop; GB/s of weights read, XLA's dot against the kernel.
 - decode attention: one query per (batch, head) over a KV cache of RAR-B's size (4 x 16 heads x 258 slots x 48), for
   cache lengths 1 .. 258 in a loop (a whole sample's worth); XLA's masked full-cache attention against the kernel.
+- out-major matmul: MAR-B's diffusion-head step kernels (12 x 1024 x 1024, stored (out, in) as the sampler keeps
+  them) at --wt_rows rows; XLA's dot on the (in, out) views against `matmul_wt`.
+- group norm: GroupNorm + SiLU at a 256 px VQVAE decoder's shapes (batch 2); XLA's ops against the kernel.
 Same process, same allocator settings as jaxgen.main; best of --reps.
 """
 from __future__ import annotations
@@ -88,9 +91,55 @@ def decode_attention(reps):
     return out
 
 
+def out_major_matmul(rows, reps):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen.kernels import cpu
+
+    keys = jax.random.split(jax.random.PRNGKey(2), 12)
+    stored = [0.03 * jax.random.normal(k, (1024, 1024)) for k in keys]  # (out, in)
+
+    def chain(mm):
+        @jax.jit
+        def run(x, ws):
+            for w in ws:
+                x = jnp.tanh(mm(x, w))
+            return x
+        return run
+
+    x = jnp.full((rows, 1024), 0.01, jnp.float32)
+    nbytes = sum(w.size * 4 for w in stored)
+    out = {}
+    for name, mm in (("xla", lambda x, w: jnp.dot(x, w.T)), ("kernel", cpu.matmul_wt)):
+        seconds = best_of(chain(mm), (x, stored), reps)
+        out[name] = {"seconds": seconds, "gb_per_s": nbytes / seconds / 1e9}
+    return out
+
+
+def group_norm(reps):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen.kernels import cpu
+    from jaxgen.nn.conv import _group_norm_reference
+
+    out = {}
+    for shape in ((2, 256, 256, 160), (2, 128, 128, 320), (2, 64, 64, 320)):
+        x = jax.random.normal(jax.random.PRNGKey(3), shape)
+        scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
+        times = {}
+        for name, fn in (("xla", lambda x, s, b: _group_norm_reference(x, s, b, 32, 1e-6, True)),
+                         ("kernel", lambda x, s, b: cpu.group_norm(x, s, b, 32, 1e-6, silu=True))):
+            times[name] = {"seconds": best_of(jax.jit(fn), (x, scale, bias), reps)}
+        out["x".join(map(str, shape))] = times
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1,4,8")
+    ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--wt_rows", default="12,16,24")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default="")
@@ -102,11 +151,19 @@ def main(argv=None):
 
     if not cpu.available():
         raise SystemExit(f"the CPU kernels are not available here: {cpu._state.get('why')}")
-    result = {"matmul": {}, "decode_attention": decode_attention(args.reps)}
+    result = {"matmul": {}, "decode_attention": decode_attention(args.reps), "out_major_matmul": {},
+              "group_norm": group_norm(args.reps)}
     for rows in (int(r) for r in args.rows.split(",")):
         result["matmul"][rows] = r = matmul_chain(rows, args.steps, args.reps)
         print(f"matmul {rows:2d} rows: XLA {r['xla']['gb_per_s']:5.1f} GB/s | "
               f"kernel {r['kernel']['gb_per_s']:5.1f} GB/s")
+    for rows in (int(r) for r in args.wt_rows.split(",")):
+        result["out_major_matmul"][rows] = r = out_major_matmul(rows, args.reps)
+        print(f"out-major matmul {rows:2d} rows (12 x 1024 x 1024): XLA {r['xla']['gb_per_s']:5.1f} GB/s | "
+              f"kernel {r['kernel']['gb_per_s']:5.1f} GB/s")
+    for shape, r in result["group_norm"].items():
+        print(f"group norm + SiLU {shape}: XLA {1e3 * r['xla']['seconds']:.2f} ms | "
+              f"kernel {1e3 * r['kernel']['seconds']:.2f} ms")
     a = result["decode_attention"]
     print(f"decode attention (4 x 16 x 258 x 48, every length): XLA {a['xla']['ms_per_step']:.3f} ms/step | "
           f"kernel {a['kernel']['ms_per_step']:.3f} ms/step")
