@@ -359,21 +359,17 @@ def _gemm_bwd(saved, g):
 gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 
+@jax.custom_vjp
 def matmul_wt(x: jax.Array, wt: jax.Array) -> jax.Array:
     """x (M, K) @ wt.T for wt (N, K) stored out-major -> (M, N) float32 (call only where `wanted_wt`); gradients
     are plain dots."""
-    return _matmul_wt(x, wt)
-
-
-@jax.custom_vjp
-def _matmul_wt(x, wt):
     _require()
     out = jax.ShapeDtypeStruct((x.shape[0], wt.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(GEMM_WT, out, vmap_method="sequential")(x, wt)
 
 
 def _matmul_wt_fwd(x, wt):
-    return _matmul_wt(x, wt), (x, wt)
+    return matmul_wt(x, wt), (x, wt)
 
 
 def _matmul_wt_bwd(saved, g):
@@ -381,7 +377,7 @@ def _matmul_wt_bwd(saved, g):
     return g @ wt, g.T @ x
 
 
-_matmul_wt.defvjp(_matmul_wt_fwd, _matmul_wt_bwd)
+matmul_wt.defvjp(_matmul_wt_fwd, _matmul_wt_bwd)
 
 
 @jax.custom_vjp
