@@ -20,7 +20,10 @@ def test_kernel_builds_here():
 
 
 @pytest.mark.parametrize("rows,k,n", [(1, 5, 3), (2, 64, 16), (3, 130, 70), (4, 768, 256), (5, 200, 1000),
-                                      (8, 257, 129), (9, 100, 33), (16, 64, 48)])
+                                      (8, 257, 129), (9, 100, 33), (16, 64, 48),
+                                      # the register-tiled path above 8 rows: row tiles and their rest, columns
+                                      # past the last two-vector block, several L2 chunks of the kernel
+                                      (13, 300, 100), (37, 1000, 70), (63, 2100, 96)])
 def test_product_matches_float64(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + k)
     x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -314,7 +317,7 @@ def test_dense_keeps_xlas_dot_for_a_few_hundred_rows_of_large_weights():
 
     lo, hi = cpu_kernels.XLA_DOT_ROWS
     assert width * width >= cpu_kernels.XLA_DOT_MIN_SIZE
-    assert cpu_kernels.BLAS_GEMM in lowered(lo - 1) and cpu_kernels.BLAS_GEMM in lowered(hi)
+    assert cpu_kernels.GEMV in lowered(lo - 1) and cpu_kernels.BLAS_GEMM in lowered(hi)  # below: `matmul`
     assert cpu_kernels.BLAS_GEMM not in lowered(lo) and cpu_kernels.BLAS_GEMM not in lowered(hi - 1)
 
 

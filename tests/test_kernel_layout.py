@@ -74,7 +74,7 @@ def test_dense_reads_out_major_views_through_xlas_dot_without_copies():
     params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 64))))
     prepared = {"params": {"kernel": kernel_layout.OutMajor(params["params"]["kernel"].T),
                            "bias": params["params"]["bias"]}}
-    x = jnp.ones((32, 64))  # >= BLAS_MIN_ROWS
+    x = jnp.ones((32, 64))  # <= MAX_ROWS: `matmul` on in-major kernels
 
     def run(views):
         def loop(prepared, h):
@@ -87,10 +87,10 @@ def test_dense_reads_out_major_views_through_xlas_dot_without_copies():
             return jax.lax.fori_loop(0, 2, body, h)
         return jax.jit(loop).lower(prepared, x).compile().as_text()
 
-    assert cpu_kernels.available() and cpu_kernels.wanted_gemm(32, jnp.float32, jnp.float32, 64 * 64)
-    without = run(views=False)  # the copy this guards against: a transposed kernel feeding BLAS
-    assert cpu_kernels.BLAS_GEMM in without and re.search(r"= f32\[64,64\]\{1,0\} (transpose|copy|fusion)", without)
+    assert cpu_kernels.available() and cpu_kernels.wanted(32, jnp.float32, jnp.float32)
+    without = run(views=False)  # the copy this guards against: a transposed kernel feeding the row-major kernel
+    assert cpu_kernels.GEMV in without and re.search(r"= f32\[64,64\]\{1,0\} (transpose|copy|fusion)", without)
     with_views = run(views=True)
-    assert cpu_kernels.BLAS_GEMM not in with_views and cpu_kernels.GEMM_WT in with_views  # reads the stored copy
+    assert cpu_kernels.GEMV not in with_views and cpu_kernels.GEMM_WT in with_views  # reads the stored copy
     assert not re.search(r"= f32\[64,64\]\{1,0\} (transpose|copy|fusion)", with_views)
     assert not kernel_layout.tracing_views()

@@ -191,6 +191,83 @@ void PartialRows(int rows, const float* x, int64_t k_total, const float* w, int6
   }
 }
 
+// More than kMaxRows rows (up to a few dozen): a pass per 8 rows straight down w would read w from memory once per
+// pass. Instead w goes by chunks of kChunkBytes (its rows [kc, kc1) x this thread's columns, kept in L2), and every
+// tile of R rows of x runs over the chunk with its R x 2-vector accumulators in registers, the output tile loaded and
+// stored once per chunk: w streams from memory once whatever the rows.
+constexpr int64_t kChunkBytes = 192 << 10;
+
+template <int R>
+void ChunkTile(const float* x, int64_t k_total, const float* w, int64_t n, int64_t kc, int64_t kc1, int64_t j0,
+               int64_t j1, float* out, int64_t out_stride, bool accumulate, int64_t prefetch_lo, int64_t prefetch_hi, int64_t prefetch_rows) {
+  int64_t j = j0;
+  for (; j + 2 * kLanes <= j1; j += 2 * kLanes) {
+    vf acc[R][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};  // the chunk's sum apart: blocked summation
+    for (int64_t k = kc; k < kc1; ++k) {
+      const vf w0 = loadv(w + k * n + j), w1 = loadv(w + k * n + j + kLanes);
+      if (k >= prefetch_lo && k < prefetch_hi && k + prefetch_rows < k_total) {
+        __builtin_prefetch(w + (k + prefetch_rows) * n + j);
+        __builtin_prefetch(w + (k + prefetch_rows) * n + j + kLanes);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const float a = x[r * k_total + k];
+        acc[r][0] += a * w0;
+        acc[r][1] += a * w1;
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      float* o = out + r * out_stride + j;
+      storev(o, accumulate ? loadv(o) + acc[r][0] : acc[r][0]);
+      storev(o + kLanes, accumulate ? loadv(o + kLanes) + acc[r][1] : acc[r][1]);
+    }
+  }
+  for (; j < j1; ++j)
+    for (int r = 0; r < R; ++r) {
+      float total = accumulate ? out[r * out_stride + j] : 0.0f;
+      for (int64_t k = kc; k < kc1; ++k) total += x[r * k_total + k] * w[k * n + j];
+      out[r * out_stride + j] = total;
+    }
+}
+
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kChunkTileRows = 12;  // 24 accumulators + 2 w + a broadcast of the 32 registers
+#else
+constexpr int kChunkTileRows = 6;   // AVX2: 12 + 2 + 1 of 16
+#endif
+
+template <int R>
+void ChunkTileRest(int rows, const float* x, int64_t k_total, const float* w, int64_t n, int64_t kc, int64_t kc1,
+                   int64_t j0, int64_t j1, float* out, int64_t out_stride, bool accumulate, int64_t prefetch_lo, int64_t prefetch_hi, int64_t prefetch_rows) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      ChunkTileRest<R - 1>(rows, x, k_total, w, n, kc, kc1, j0, j1, out, out_stride, accumulate, prefetch_lo, prefetch_hi, prefetch_rows);
+      return;
+    }
+  }
+  ChunkTile<R>(x, k_total, w, n, kc, kc1, j0, j1, out, out_stride, accumulate, prefetch_lo, prefetch_hi, prefetch_rows);
+}
+
+// out[:, j0:j1] = x @ w[:, j0:j1] over all of K, for any rows.
+void ChunkedColumns(int rows, const float* x, int64_t k_total, const float* w, int64_t n, int64_t j0, int64_t j1,
+                    float* out, int64_t out_stride) {
+  const int64_t chunk = std::max<int64_t>(4, kChunkBytes / (sizeof(float) * std::max<int64_t>(1, j1 - j0)));
+  for (int64_t kc = 0; kc < k_total; kc += chunk) {
+    const int64_t kc1 = std::min(k_total, kc + chunk);
+    // the tiles share fetching the next chunk: tile t its rows [kc + t * chunk / tiles, ...) ahead of use
+    const int tiles = (rows + kChunkTileRows - 1) / kChunkTileRows;
+    for (int t = 0; t < tiles; ++t) {
+      const int r0 = t * kChunkTileRows;
+      ChunkTileRest<kChunkTileRows>(std::min(kChunkTileRows, rows - r0), x + r0 * k_total, k_total, w, n, kc, kc1,
+                                    j0, j1, out + r0 * out_stride, out_stride, kc > 0, kc + (kc1 - kc) * t / tiles,
+                                    kc + (kc1 - kc) * (t + 1) / tiles, chunk);
+    }
+  }
+}
+
 struct Shared {
   std::atomic<int> next{0};
   std::atomic<int> done{0};
@@ -312,8 +389,17 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // one part per thread, each at least 64 rows of w (below that the hand-off costs more than it saves)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (rows > kMaxRows) {  // one block of columns (a multiple of the tile's) per thread, no partial sums to add
+    const int64_t step = 2 * kLanes;
+    const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / step)));
+    DecodeHelpers::Get(threads).Run(pool, parts, [=](int p) {
+      const int64_t j0 = n / step * p / parts * step, j1 = p + 1 == parts ? n : n / step * (p + 1) / parts * step;
+      ChunkedColumns(rows, xp, k, wp, n, j0, j1, yp, n);
+    });
+    return ffi::Error::Success();
+  }
+  // one part per thread, each at least 64 rows of w (below that the hand-off costs more than it saves)
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, k / 64)));
   // part 0 writes y, part p > 0 its own slice of `partials` (kept alive by the tasks that may start late)
   auto partials = std::make_shared<std::vector<float>>(static_cast<size_t>(parts - 1) * rows * n);

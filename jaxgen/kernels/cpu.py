@@ -60,17 +60,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# `matmul` streams the kernel once per 8 rows (cpu.cc's kMaxRows): at 9-23 rows still 1.5-1.7x XLA's dot on weights
-# read from memory (VAR-d16's 16-row scale; 2-core Intel VM, 2026-12-07). MAR's head at 12+ rows reads out-major
-# copies through `matmul_wt` instead (jaxgen.nn.kernel_layout).
-MAX_ROWS = 23
+# `matmul` up to 8 rows streams the kernel once (decode steps); above, it runs register tiles of 12 rows over chunks
+# of the kernel kept in L2, so the kernel still streams once: at 12-48 rows 1.3-2.5x both OpenBLAS's sgemm and XLA's
+# dot on transformer-sized weights (768 x 4608 at 48 rows: 1.9 against 3.0 ms; 1024 x 4096 at 16 rows: 1.1 against
+# 2.3 ms), at 64 rows even with XLA's (2-core Intel VM, 2026-12-07). MAR's head at 12+ rows reads out-major copies
+# through `matmul_wt` instead (jaxgen.nn.kernel_layout).
+MAX_ROWS = 63
 TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
            "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
            "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm", "jaxgen_cpu_top_k_values": "JaxgenCpuTopKValues",
            "jaxgen_cpu_group_norm": "JaxgenCpuGroupNorm", "jaxgen_cpu_gemm_wt": "JaxgenCpuGemmWt"}
 GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES, GROUP_NORM, GEMM_WT = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
-BLAS_MIN_ROWS = 24  # below, the head-sized products are bound by reading the kernel: the paths above stay
+BLAS_MIN_ROWS = MAX_ROWS + 1  # below, `matmul` streams the kernel once and leads
 # Between these rows XLA:CPU's own dot beats the split sgemm on transformer-sized weights (at least XLA_DOT_MIN_SIZE
 # elements: 768 x 768 and up): OpenBLAS packs each thread's half of the weights for a few hundred rows only. A chain
 # of eight products, 2-core Intel VM (2026-12-07): at 64-384 rows XLA 200-350 GFLOP/s against BLAS 160-310 (e.g.
