@@ -133,6 +133,11 @@ constexpr int kMaxRows = 8;
 // out (R, n) = x[:, k0:k1] @ w[k0:k1, :] for R <= kMaxRows rows of x (row stride k_total). w is read row after row,
 // four rows at a time, each row whole: one sequential stream (column blocks walking down w would jump a page per
 // row, which the hardware prefetcher does not follow). The R x n partial sums stay in L1 / L2.
+// Each iteration also asks for the lines of w 16 rows further down: more of them in flight than the hardware
+// prefetcher keeps at the start of a call (RAR-B's decode reads ~100 matrices of 2-9 MB per token; 768 x 2304 at
+// 4 rows: 0.41 -> 0.33 ms, 3072 x 768: 0.50 -> 0.43 ms).
+constexpr int64_t kPrefetchRows = 16;
+
 template <int R>
 void PartialProduct(const float* x, int64_t k_total, const float* w, int64_t n, int64_t k0, int64_t k1,
                     float* out, int64_t out_stride) {
@@ -148,9 +153,17 @@ void PartialProduct(const float* x, int64_t k_total, const float* w, int64_t n, 
     const float* w1 = rows_here > 1 ? w0 + n : w0;  // missing rows read row k again with a zero factor
     const float* w2 = rows_here > 2 ? w0 + 2 * n : w0;
     const float* w3 = rows_here > 3 ? w0 + 3 * n : w0;
+    const bool prefetch = k + kPrefetchRows + 4 <= k1;
     // two vectors of columns per iteration: eight independent w loads in flight (3-5 % faster than one at a time)
     int64_t j = 0;
     for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
+      if (prefetch) {
+        const float* p = w0 + kPrefetchRows * n + j;
+        for (int i = 0; i < 4; ++i) {
+          __builtin_prefetch(p + i * n);
+          __builtin_prefetch(p + i * n + kLanes);
+        }
+      }
       const vf v0 = loadv(w0 + j), v1 = loadv(w1 + j), v2 = loadv(w2 + j), v3 = loadv(w3 + j);
       const vf u0 = loadv(w0 + j + kLanes), u1 = loadv(w1 + j + kLanes), u2 = loadv(w2 + j + kLanes),
                  u3 = loadv(w3 + j + kLanes);
