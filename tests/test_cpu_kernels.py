@@ -140,9 +140,10 @@ def test_builds_into_an_empty_cache(tmp_path, monkeypatch):
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("length,h", [(1, 24), (7, 24), (20, 24), (17, 64), (33, 64)])
+@pytest.mark.parametrize("length,h", [(1, 24), (7, 24), (20, 24), (17, 64), (33, 64), (40, 200), (9, 136)])
 def test_decode_attention_is_the_masked_full_cache_attention(length, h):
-    """Lengths on and off the kernel's 16-slot vectors, head sizes with and without a scalar tail."""
+    """Lengths on and off the kernel's 16-slot vectors, head sizes with and without a scalar tail, and over one
+    register block of output columns (its prefetch chain running from keys to values to the next pair's keys)."""
     from jaxgen.nn.attention import dot_product_attention
 
     rng = np.random.default_rng(length)

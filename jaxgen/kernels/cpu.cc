@@ -500,6 +500,9 @@ ffi::Error GemmWt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 // out (B, 1, N, H) = softmax(q k[:, :, :length]^T * scale) v[:, :, :length] per (batch, head); q (B, 1, N, H),
 // k, v (B, N, S, H) (jaxgen's KVCache layout). Slots at or after `length` are never read: the same result as
 // attending over all S slots with them masked out (they get exactly zero weight there), for less memory read.
+constexpr int64_t kAheadSlots = 8;
+constexpr int kVBlock = 8;  // 8 vectors: H = 128 in one pass with AVX-512, 64 with AVX2
+
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out,
                            float scale) {
@@ -519,9 +522,17 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int parts = static_cast<int>(std::min<int64_t>(threads, pairs));
   const int64_t len_pad = RoundUp(len, kLanes), h_vec = h - h % kLanes;
+  // Software prefetch kAheadSlots slots ahead along one chain: this pair's keys, then its values, then the next
+  // pair's keys: each pair's k and v are short streams (RAR-B: ~33 KB each on average), which the hardware prefetcher
+  // would ramp up anew for every one.
+  const int64_t lines = (h * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+  auto fetch = [=](const float* row) {
+    for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(row + l * 16);
+  };
   DecodeHelpers::Get(threads).Run(pool, parts, [=](int p) {
     std::vector<float> weights(len_pad);
-    for (int64_t i = pairs * p / parts; i < pairs * (p + 1) / parts; ++i) {
+    const int64_t first = pairs * p / parts, last = pairs * (p + 1) / parts;
+    for (int64_t i = first; i < last; ++i) {
       const float* qi = qp + i * h;  // (B, 1, N, H): pair i = b * N + n
       const float* ki = kp + i * slots * h;
       const float* vi = vp + i * slots * h;
@@ -530,6 +541,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       vf top_v = vf{} - std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < len; ++s) {
         const float* ks = ki + s * h;
+        const int64_t ahead = s + kAheadSlots;
+        fetch(ahead < len ? ks + kAheadSlots * h : vi + (ahead - len) * h);
         vf acc = vf{};
         for (int64_t d = 0; d < h_vec; d += kLanes) acc += loadv(qi + d) * loadv(ks + d);
         float dot = SumLanes(acc);
@@ -551,11 +564,25 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       }
       const float inv = 1.f / SumLanes(sum_v);
       float* oi = op + i * h;
-      // weights x v: kLanes columns of the output at a time kept in a register across all slots
-      for (int64_t d = 0; d < h_vec; d += kLanes) {
-        vf acc = vf{};
-        for (int64_t s = 0; s < len; ++s) acc += weights[s] * loadv(vi + s * h + d);
-        storev(oi + d, acc * inv);
+      // weights x v: up to kVBlock vectors of output columns in registers while the slots are read in order (one
+      // sequential pass over v for H <= kVBlock * kLanes)
+      const float* next_k = i + 1 < last ? kp + (i + 1) * slots * h : nullptr;
+      for (int64_t d0 = 0; d0 < h_vec; d0 += kVBlock * kLanes) {
+        const int nv = static_cast<int>(std::min<int64_t>(kVBlock, (h_vec - d0) / kLanes));
+        vf acc[kVBlock] = {};
+        for (int64_t s = 0; s < len; ++s) {
+          const int64_t ahead = s + kAheadSlots;
+          if (d0 == 0) {
+            if (ahead < len) fetch(vi + ahead * h);
+            else if (next_k && ahead - len < len) fetch(next_k + (ahead - len) * h);
+          }
+          const float* vs = vi + s * h + d0;
+          const float ws = weights[s];
+#pragma GCC unroll 8
+          for (int t = 0; t < kVBlock; ++t)
+            if (t < nv) acc[t] += ws * loadv(vs + t * kLanes);
+        }
+        for (int t = 0; t < nv; ++t) storev(oi + d0 + t * kLanes, acc[t] * inv);
       }
       for (int64_t d = h_vec; d < h; ++d) {
         float acc = 0.f;
