@@ -6,7 +6,9 @@ matmuls through numpy's OpenBLAS. All are used on the CPU backend with one devic
 decode: 4 rows, 680 MB of RAR-B block kernels per token), so they are bound by reading the weights. XLA:CPU's dot reads them at
 11-13 GB/s on the 2-core Intel VM, where a sequential stream runs at ~25 GB/s; the kernel splits the weight rows
 into one contiguous part per thread and reads them at ~22 GB/s (a chain of RAR-B-sized f32 kernels at 4 rows,
-2026-12-06). Same product up to float32 summation order. `matmul` and `decode_attention` hand their second part to
+2026-12-06). Above 8 rows (up to MAX_ROWS: VAR's coarse scales, RAR's adaLN modulations at 48 rows) each thread
+takes a block of columns and runs register tiles of 12 rows over L2-sized chunks of it, so the weights still stream
+from memory once. Same product up to float32 summation order. `matmul` and `decode_attention` hand their second part to
 the kernels' own helper threads, which spin ~200 us after each job before sleeping: a decode step makes ~100 such
 calls per token, and waking one of XLA's pool threads for each cost ~15-25 us of a 0.1-0.4 ms call (RAR-B's
 sampler: 11.5 -> 10.6 s per batch of 2, alternated in one process, 2026-12-06).
