@@ -104,21 +104,29 @@ constexpr int kTileRows = 6;
 #endif
 constexpr int kTileCols = 2 * kLanes;
 
+// acc (R x 2 vectors) += A (R x depth) x B (depth x kTileCols, row k at b + k * ldb): the register loop shared by
+// TileProduct (packed panels, ldb = kTileCols) and ChunkTile (weights read in place, ldb = their row length).
+template <int R, bool kColumns = false>
+inline void TileAccumulate(vf (&acc)[R][2], int64_t depth, const float* __restrict a, int64_t lda,
+                           const float* __restrict b, int64_t ldb) {
+  for (int64_t k = 0; k < depth; ++k) {
+    const vf b0 = loadv(b + k * ldb), b1 = loadv(b + k * ldb + kLanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const float ai = kColumns ? a[k * lda + i] : a[i * lda + k];
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
+    }
+  }
+}
+
 template <bool kColumns = false>
 inline void TileProduct(int64_t depth, const float* __restrict a, int64_t lda, const float* __restrict b, float* c,
                         int64_t ldc) {
   vf acc[kTileRows][2];
 #pragma GCC unroll 16
   for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = vf{};
-  for (int64_t k = 0; k < depth; ++k) {
-    const vf b0 = loadv(b + k * kTileCols), b1 = loadv(b + k * kTileCols + kLanes);
-#pragma GCC unroll 16
-    for (int i = 0; i < kTileRows; ++i) {
-      const float ai = kColumns ? a[k * lda + i] : a[i * lda + k];
-      acc[i][0] += ai * b0;
-      acc[i][1] += ai * b1;
-    }
-  }
+  TileAccumulate<kTileRows, kColumns>(acc, depth, a, lda, b, kTileCols);
 #pragma GCC unroll 16
   for (int i = 0; i < kTileRows; ++i) {
     storev(c + i * ldc, acc[i][0]);
@@ -187,50 +195,45 @@ void PartialProduct(const float* x, int64_t k_total, const float* w, int64_t n, 
 }
 
 void PartialRows(int rows, const float* x, int64_t k_total, const float* w, int64_t n, int64_t k0, int64_t k1,
-                 float* out, int64_t out_stride) {
-  for (int r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const float* xr = x + r0 * k_total;
-    float* o = out + r0 * out_stride;
-    switch (std::min(kMaxRows, rows - r0)) {
-      case 1: PartialProduct<1>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      case 2: PartialProduct<2>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      case 3: PartialProduct<3>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      case 4: PartialProduct<4>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      case 5: PartialProduct<5>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      case 6: PartialProduct<6>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      case 7: PartialProduct<7>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-      default: PartialProduct<8>(xr, k_total, w, n, k0, k1, o, out_stride); break;
-    }
+                 float* out, int64_t out_stride) {  // rows <= kMaxRows
+  switch (rows) {
+    case 1: PartialProduct<1>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    case 2: PartialProduct<2>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    case 3: PartialProduct<3>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    case 4: PartialProduct<4>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    case 5: PartialProduct<5>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    case 6: PartialProduct<6>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    case 7: PartialProduct<7>(x, k_total, w, n, k0, k1, out, out_stride); break;
+    default: PartialProduct<8>(x, k_total, w, n, k0, k1, out, out_stride); break;
   }
 }
 
 // More than kMaxRows rows (up to a few dozen): a pass per 8 rows straight down w would read w from memory once per
 // pass. Instead w goes by chunks of kChunkBytes (its rows [kc, kc1) x this thread's columns, kept in L2), and every
-// tile of R rows of x runs over the chunk with its R x 2-vector accumulators in registers, the output tile loaded and
-// stored once per chunk: w streams from memory once whatever the rows.
+// tile of up to kTileRows rows of x runs over the chunk with its accumulators in registers (TileAccumulate), the
+// output tile loaded and stored once per chunk: w streams from memory once whatever the rows. The chunk's sums are
+// added to the output apart (blocked summation, errors as BLAS's).
 constexpr int64_t kChunkBytes = 192 << 10;
+
+// The rows of the next chunk this tile asks for while it runs (the tiles of a chunk share them).
+struct ChunkPrefetch {
+  int64_t lo, hi, ahead;  // rows [lo, hi) + ahead, where they exist (< k_total)
+};
 
 template <int R>
 void ChunkTile(const float* x, int64_t k_total, const float* w, int64_t n, int64_t kc, int64_t kc1, int64_t j0,
-               int64_t j1, float* out, int64_t out_stride, bool accumulate, int64_t prefetch_lo, int64_t prefetch_hi, int64_t prefetch_rows) {
+               int64_t j1, float* out, int64_t out_stride, bool accumulate, ChunkPrefetch fetch) {
+  const int64_t fetch_hi = std::min(fetch.hi, k_total - fetch.ahead);
   int64_t j = j0;
-  for (; j + 2 * kLanes <= j1; j += 2 * kLanes) {
+  for (; j + kTileCols <= j1; j += kTileCols) {
+    for (int64_t k = fetch.lo; k < fetch_hi; ++k) {
+      __builtin_prefetch(w + (k + fetch.ahead) * n + j);
+      __builtin_prefetch(w + (k + fetch.ahead) * n + j + kLanes);
+    }
     vf acc[R][2];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};  // the chunk's sum apart: blocked summation
-    for (int64_t k = kc; k < kc1; ++k) {
-      const vf w0 = loadv(w + k * n + j), w1 = loadv(w + k * n + j + kLanes);
-      if (k >= prefetch_lo && k < prefetch_hi && k + prefetch_rows < k_total) {
-        __builtin_prefetch(w + (k + prefetch_rows) * n + j);
-        __builtin_prefetch(w + (k + prefetch_rows) * n + j + kLanes);
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const float a = x[r * k_total + k];
-        acc[r][0] += a * w0;
-        acc[r][1] += a * w1;
-      }
-    }
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
+    TileAccumulate<R>(acc, kc1 - kc, x + kc, k_total, w + kc * n + j, n);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       float* o = out + r * out_stride + j;
@@ -240,43 +243,37 @@ void ChunkTile(const float* x, int64_t k_total, const float* w, int64_t n, int64
   }
   for (; j < j1; ++j)
     for (int r = 0; r < R; ++r) {
-      float total = accumulate ? out[r * out_stride + j] : 0.0f;
+      float total = 0.0f;
       for (int64_t k = kc; k < kc1; ++k) total += x[r * k_total + k] * w[k * n + j];
-      out[r * out_stride + j] = total;
+      out[r * out_stride + j] = accumulate ? out[r * out_stride + j] + total : total;
     }
 }
 
-#if defined(__AVX512F__) || defined(__aarch64__)
-constexpr int kChunkTileRows = 12;  // 24 accumulators + 2 w + a broadcast of the 32 registers
-#else
-constexpr int kChunkTileRows = 6;   // AVX2: 12 + 2 + 1 of 16
-#endif
-
+// ChunkTile for any rows <= R (the last tile of x).
 template <int R>
-void ChunkTileRest(int rows, const float* x, int64_t k_total, const float* w, int64_t n, int64_t kc, int64_t kc1,
-                   int64_t j0, int64_t j1, float* out, int64_t out_stride, bool accumulate, int64_t prefetch_lo, int64_t prefetch_hi, int64_t prefetch_rows) {
+void ChunkTileRows(int rows, const float* x, int64_t k_total, const float* w, int64_t n, int64_t kc, int64_t kc1,
+                   int64_t j0, int64_t j1, float* out, int64_t out_stride, bool accumulate, ChunkPrefetch fetch) {
   if constexpr (R > 1) {
     if (rows < R) {
-      ChunkTileRest<R - 1>(rows, x, k_total, w, n, kc, kc1, j0, j1, out, out_stride, accumulate, prefetch_lo, prefetch_hi, prefetch_rows);
+      ChunkTileRows<R - 1>(rows, x, k_total, w, n, kc, kc1, j0, j1, out, out_stride, accumulate, fetch);
       return;
     }
   }
-  ChunkTile<R>(x, k_total, w, n, kc, kc1, j0, j1, out, out_stride, accumulate, prefetch_lo, prefetch_hi, prefetch_rows);
+  ChunkTile<R>(x, k_total, w, n, kc, kc1, j0, j1, out, out_stride, accumulate, fetch);
 }
 
 // out[:, j0:j1] = x @ w[:, j0:j1] over all of K, for any rows.
 void ChunkedColumns(int rows, const float* x, int64_t k_total, const float* w, int64_t n, int64_t j0, int64_t j1,
                     float* out, int64_t out_stride) {
   const int64_t chunk = std::max<int64_t>(4, kChunkBytes / (sizeof(float) * std::max<int64_t>(1, j1 - j0)));
+  const int tiles = (rows + kTileRows - 1) / kTileRows;
   for (int64_t kc = 0; kc < k_total; kc += chunk) {
     const int64_t kc1 = std::min(k_total, kc + chunk);
-    // the tiles share fetching the next chunk: tile t its rows [kc + t * chunk / tiles, ...) ahead of use
-    const int tiles = (rows + kChunkTileRows - 1) / kChunkTileRows;
     for (int t = 0; t < tiles; ++t) {
-      const int r0 = t * kChunkTileRows;
-      ChunkTileRest<kChunkTileRows>(std::min(kChunkTileRows, rows - r0), x + r0 * k_total, k_total, w, n, kc, kc1,
-                                    j0, j1, out + r0 * out_stride, out_stride, kc > 0, kc + (kc1 - kc) * t / tiles,
-                                    kc + (kc1 - kc) * (t + 1) / tiles, chunk);
+      const int r0 = t * kTileRows;
+      const ChunkPrefetch fetch{kc + (kc1 - kc) * t / tiles, kc + (kc1 - kc) * (t + 1) / tiles, chunk};
+      ChunkTileRows<kTileRows>(std::min(kTileRows, rows - r0), x + r0 * k_total, k_total, w, n, kc, kc1, j0, j1,
+                               out + r0 * out_stride, out_stride, kc > 0, fetch);
     }
   }
 }
@@ -404,7 +401,7 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   float* yp = y->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (rows > kMaxRows) {  // one block of columns (a multiple of the tile's) per thread, no partial sums to add
-    const int64_t step = 2 * kLanes;
+    const int64_t step = kTileCols;
     const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / step)));
     DecodeHelpers::Get(threads).Run(pool, parts, [=](int p) {
       const int64_t j0 = n / step * p / parts * step, j1 = p + 1 == parts ? n : n / step * (p + 1) / parts * step;
