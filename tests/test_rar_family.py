@@ -95,7 +95,7 @@ def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, mo
     assert per_slot == 3 * model.depth * 6 * model.hidden_size * 4  # 3 distinct rows, f32
     budget = int(slots_in_budget * per_slot)
 
-    def greedy(rng, logits, top_k=0, top_p=0.0, temperature=1.0):
+    def greedy(rng, logits, top_k=0, top_p=0.0, temperature=1.0, noise=None):
         traces.append(1)
         return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -116,6 +116,18 @@ def test_kv_cached_cfg_sampler_matches_a_cache_free_reference(family, params, mo
         scale = guidance.power_cosine_scale(t, seq, g, pw)
         tokens[:, t] = np.asarray(jnp.argmax(guidance.mix_halves(both[:, t], scale), -1), np.int32)
     np.testing.assert_array_equal(np.asarray(cached), tokens)
+
+
+def test_random_draws_are_the_same_with_modulations_and_noise_per_chunk_or_per_step(family, params):
+    """Categorical draws (not greedy): chunks of slots (modulations and Gumbel noise computed ahead) give the tokens
+    of computing both at every step from the step's key."""
+    per_slot = sampler_mod.modulation_bytes_per_slot(family.model, params, jnp.array([1, 7, 10], jnp.int32))
+    run = jax.jit(lambda p, l, budget: sampler_mod.generate_tokens(family.model, p, l, jax.random.PRNGKey(5), 3.0,
+                                                                   1.5, 1.0, budget), static_argnums=2)
+    labels = jnp.array([1, 7], jnp.int32)
+    per_step = np.asarray(run(params, labels, per_slot // 2))
+    np.testing.assert_array_equal(np.asarray(run(params, labels, 9 * per_slot)), per_step)
+    assert len(np.unique(per_step)) > 2
 
 
 def test_samples_are_in_range_and_truncated_like_the_official_uint8(family, params):

@@ -7,7 +7,25 @@ import numpy as np
 import pytest
 
 from jaxgen.sampling import guidance, schedules
+from jaxgen.sampling.filtering import sample_tokens, step_noise
 from jaxgen.sampling.loop import decode_loop
+
+
+def test_noise_drawn_ahead_makes_the_per_step_keys_draws():
+    """`step_noise` for steps t is the Gumbel noise of the keys fold_in(rng, t): with it `sample_tokens` draws the
+    tokens it draws from those keys (temperature and top-k / top-p applied the same way)."""
+    rng = jax.random.PRNGKey(3)
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (6, 2, 64))
+    steps = jnp.arange(4, 10)
+    noise = jax.jit(lambda r: step_noise(r, steps, (2, 64)))(rng)
+    assert noise.shape == (6, 2, 64)
+    drawn = []
+    for i, t in enumerate(range(4, 10)):
+        for kw in ({"temperature": 1.3}, {"top_k": 5, "top_p": 0.8}):
+            want = sample_tokens(jax.random.fold_in(rng, t), logits[i], **kw)[1]
+            np.testing.assert_array_equal(sample_tokens(None, logits[i], noise=noise[i], **kw)[1], want)
+            drawn.append(np.asarray(want))
+    assert len({d.tobytes() for d in drawn}) > 3  # the draws vary with the step
 
 
 def test_mix_is_the_cfg_rule_of_every_family():

@@ -13,7 +13,8 @@ the largest divisor of L whose modulations fit in `modulation_bytes` (RAR-B at b
 read once per step for all rows anyway). Larger K also means larger matmuls: RAR-B's modulations take 1.1 s of a
 sample at K = 16 (48 rows, ~120 GFLOP/s) and 0.54 s at K = 64 (192 rows) on the 2-core VM. Same numbers as computing
 them per step, up to matmul summation order. The unconditional half's rows are all the null label: its modulations
-are computed for one row and broadcast (4 -> 3 rows at batch 2).
+are computed for one row and broadcast (4 -> 3 rows at batch 2). The chunk's Gumbel noise is drawn with them, in one
+call (`step_noise`: the draws of the per-step keys, so the same tokens).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jaxgen.families.rar.model import PREFIX, RAR
 from jaxgen.sampling import guidance
 from jaxgen.sampling.buckets import chunk_within_budget
-from jaxgen.sampling.filtering import sample_tokens
+from jaxgen.sampling.filtering import sample_tokens, step_noise
 from jaxgen.sampling.loop import decode_loop
 
 
@@ -51,10 +52,10 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
     logits, caches = model.apply(variables, labels_in, caches, method=RAR.prefill)
     tables = {"scale": guidance.power_cosine_scale(jnp.arange(seq), seq, guidance_scale, guidance_scale_pow)}
 
-    def step(t, state, scale, modulations=None):
+    def step(t, state, scale, modulations=None, noise=None):
         tokens, logits, caches = state
         mixed = guidance.mix_halves(logits, scale) if use_cfg else logits
-        _, token = sample_tokens(jax.random.fold_in(rng, t), mixed, temperature=temperature)
+        _, token = sample_tokens(jax.random.fold_in(rng, t), mixed, temperature=temperature, noise=noise)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=1)
         token_in = jnp.concatenate([token, token]) if use_cfg else token
         # after the last token this computes logits nobody reads (one static step body for every t)
@@ -73,6 +74,7 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
         first = j * chunk
         mods = model.apply(variables, distinct_labels, first + PREFIX + jnp.arange(chunk),
                            method=RAR.block_modulations)
+        noise = step_noise(rng, first + jnp.arange(chunk), (b, logits.shape[-1]))  # the chunk's draws at once
 
         def inner(k, s, r):
             mod_k = []
@@ -83,7 +85,7 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
                     # into the op that reads it
                     chunks = [jnp.concatenate([c[:b], jnp.broadcast_to(c[b:], (b,) + c.shape[1:])]) for c in chunks]
                 mod_k.append(tuple(chunks))
-            return step(first + k, s, r["scale"], tuple(mod_k))
+            return step(first + k, s, r["scale"], tuple(mod_k), noise[k])
 
         return decode_loop(inner, state, chunk, row)
 
