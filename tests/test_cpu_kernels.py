@@ -295,6 +295,20 @@ def test_blas_gemm_and_its_gradients_match_float64(m, k, n):
     np.testing.assert_allclose(gw, x64.T @ g.astype(np.float64), rtol=1e-5, atol=1e-4 * np.sqrt(m))
 
 
+@pytest.mark.parametrize("m,k,n", [(64, 5, 3), (130, 64, 16), (250, 300, 200)])
+def test_blas_gemm_wt_reads_out_major_kernels_and_its_gradients_match_float64(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    wt = rng.standard_normal((n, k)).astype(np.float32)  # stored (out, in)
+    x64, wt64 = x.astype(np.float64), wt.astype(np.float64)
+    np.testing.assert_allclose(jax.jit(cpu_kernels.gemm_wt)(x, wt), x64 @ wt64.T, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+    g = rng.standard_normal((m, n)).astype(np.float32)
+    _, pullback = jax.vjp(cpu_kernels.gemm_wt, x, wt)
+    gx, gwt = pullback(jnp.asarray(g))
+    np.testing.assert_allclose(gx, g.astype(np.float64) @ wt64, rtol=1e-5, atol=1e-4 * np.sqrt(n))
+    np.testing.assert_allclose(gwt, g.astype(np.float64).T @ x64, rtol=1e-5, atol=1e-4 * np.sqrt(m))
+
+
 def test_dense_uses_blas_from_blas_min_rows():
     layer = Dense(24, axes=("embed", "mlp"))
     params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 16))))

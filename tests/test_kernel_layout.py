@@ -94,3 +94,32 @@ def test_dense_reads_out_major_views_through_xlas_dot_without_copies():
     assert cpu_kernels.GEMV not in with_views and cpu_kernels.GEMM_WT in with_views  # reads the stored copy
     assert not re.search(r"= f32\[64,64\]\{1,0\} (transpose|copy|fusion)", with_views)
     assert not kernel_layout.tracing_views()
+
+
+def test_dense_reads_out_major_views_through_blas_at_many_rows_without_copies():
+    """From BLAS_MIN_ROWS rows (small kernels: mar_tiny's head at batch 250) Dense hands the stored (out, in) copy to
+    BLAS to read transposed (`gemm_wt`) instead of XLA's dot on the view, with no copy of the kernel in the loop."""
+    import flax.linen as nn
+
+    from jaxgen.kernels import cpu as cpu_kernels
+    from jaxgen.nn.layers import Dense
+
+    layer = Dense(64, axes=("embed", "mlp"))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 64))))
+    prepared = {"params": {"kernel": kernel_layout.OutMajor(params["params"]["kernel"].T),
+                           "bias": params["params"]["bias"]}}
+    rows = cpu_kernels.BLAS_MIN_ROWS + 36
+    x = jax.random.normal(jax.random.PRNGKey(1), (rows, 64))
+
+    def loop(prepared, h):
+        def body(i, h):
+            with kernel_layout.out_major_views():
+                return layer.apply(kernel_layout.in_major(prepared), h)
+        return jax.lax.fori_loop(0, 2, body, h)
+
+    assert cpu_kernels.wanted_gemm(rows, jnp.float32, jnp.float32, 64 * 64)
+    hlo = jax.jit(loop).lower(prepared, x).compile().as_text()
+    assert cpu_kernels.BLAS_GEMM in hlo and cpu_kernels.GEMM_WT not in hlo
+    assert not re.search(r"= f32\[64,64\]\{1,0\} (transpose|copy|fusion)", hlo)
+    want = jax.jit(lambda p, h: jax.lax.fori_loop(0, 2, lambda i, h: layer.apply(params, h), h))(params, x)
+    np.testing.assert_allclose(jax.jit(loop)(prepared, x), want, rtol=1e-5, atol=1e-5)

@@ -364,6 +364,25 @@ gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 
 @jax.custom_vjp
+def gemm_wt(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """x (M, K) @ wt.T for wt (N, K) stored out-major -> (M, N) float32 through BLAS, which reads wt transposed in
+    place (call only where `wanted_gemm`): `gemm` on the (in, out) view would have XLA copy it back every call."""
+    return _blas(x, wt, transpose_w=True)
+
+
+def _gemm_wt_fwd(x, wt):
+    return _blas(x, wt, transpose_w=True), (x, wt)
+
+
+def _gemm_wt_bwd(saved, g):
+    x, wt = saved
+    return _blas(g, wt), _blas(g, x, transpose_x=True)
+
+
+gemm_wt.defvjp(_gemm_wt_fwd, _gemm_wt_bwd)
+
+
+@jax.custom_vjp
 def matmul_wt(x: jax.Array, wt: jax.Array) -> jax.Array:
     """x (M, K) @ wt.T for wt (N, K) stored out-major -> (M, N) float32 (call only where `wanted_wt`); gradients
     are plain dots."""

@@ -63,11 +63,13 @@ class Dense(nn.Module):
         # transposed copy of the activations (measured ~1.7x slower backward than the 2-D form).
         lead = x.shape[:-1]
         x2, k = x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype)
-        # an out-major kernel's (in, out) view (jaxgen.nn.kernel_layout): XLA's dot or `matmul_wt` read the stored
-        # (out, in) array (k.T folds back into it); the other kernels would make XLA copy it back at every step
+        # an out-major kernel's (in, out) view (jaxgen.nn.kernel_layout): XLA's dot, `matmul_wt` and `gemm_wt` read
+        # the stored (out, in) array (k.T folds back into it); `matmul` / `gemm` would make XLA copy it back each step
         views = kernel_layout.tracing_views()
         if views and cpu_kernels.wanted_wt(x2.shape[0], x2.dtype, k.dtype):
             y = cpu_kernels.matmul_wt(x2, k.T)
+        elif views and cpu_kernels.wanted_gemm(x2.shape[0], x2.dtype, k.dtype, k.size):  # BLAS reads it transposed
+            y = cpu_kernels.gemm_wt(x2, k.T)  # (mar_tiny's head at batch 250: XLA's dot on the view ~20 % slower)
         elif not views and cpu_kernels.wanted(x2.shape[0], x2.dtype, k.dtype):  # decode steps: a few rows, bound
             y = cpu_kernels.matmul(x2, k)                                       # by reading the kernel
         elif not views and cpu_kernels.wanted_gemm(x2.shape[0], x2.dtype, k.dtype, k.size):  # BLAS: 5-10 % over XLA
