@@ -61,19 +61,26 @@ def test_wanted_needs_rows_and_cpu():
     assert not kernel_layout.wanted(kernel_layout.MIN_ROWS - 1)
 
 
-def test_dense_reads_out_major_views_through_xlas_dot_without_copies():
-    """Traced under `out_major_views`, Dense leaves BLAS / the few-row kernel alone: they take (in, out) operands, so
-    XLA would copy the viewed kernel back at every loop step (MAR-B's head at 24+ rows: 2x slower DDPM steps).
-    `matmul_wt` reads the stored (out, in) copy itself."""
+def _dense_with_out_major_copy():
+    """A 64 -> 64 Dense, its params, and the same params with the kernel stored out-major (`OutMajor`)."""
     import flax.linen as nn
 
-    from jaxgen.kernels import cpu as cpu_kernels
     from jaxgen.nn.layers import Dense
 
     layer = Dense(64, axes=("embed", "mlp"))
     params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 64))))
     prepared = {"params": {"kernel": kernel_layout.OutMajor(params["params"]["kernel"].T),
                            "bias": params["params"]["bias"]}}
+    return layer, params, prepared
+
+
+def test_dense_reads_out_major_views_through_xlas_dot_without_copies():
+    """Traced under `out_major_views`, Dense leaves BLAS / the few-row kernel alone: they take (in, out) operands, so
+    XLA would copy the viewed kernel back at every loop step (MAR-B's head at 24+ rows: 2x slower DDPM steps).
+    `matmul_wt` reads the stored (out, in) copy itself."""
+    from jaxgen.kernels import cpu as cpu_kernels
+
+    layer, params, prepared = _dense_with_out_major_copy()
     x = jnp.ones((32, 64))  # <= MAX_ROWS: `matmul` on in-major kernels
 
     def run(views):
@@ -99,15 +106,9 @@ def test_dense_reads_out_major_views_through_xlas_dot_without_copies():
 def test_dense_reads_out_major_views_through_blas_at_many_rows_without_copies():
     """From BLAS_MIN_ROWS rows (small kernels: mar_tiny's head at batch 250) Dense hands the stored (out, in) copy to
     BLAS to read transposed (`gemm_wt`) instead of XLA's dot on the view, with no copy of the kernel in the loop."""
-    import flax.linen as nn
-
     from jaxgen.kernels import cpu as cpu_kernels
-    from jaxgen.nn.layers import Dense
 
-    layer = Dense(64, axes=("embed", "mlp"))
-    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 64))))
-    prepared = {"params": {"kernel": kernel_layout.OutMajor(params["params"]["kernel"].T),
-                           "bias": params["params"]["bias"]}}
+    layer, params, prepared = _dense_with_out_major_copy()
     rows = cpu_kernels.BLAS_MIN_ROWS + 36
     x = jax.random.normal(jax.random.PRNGKey(1), (rows, 64))
 

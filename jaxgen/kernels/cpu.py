@@ -345,41 +345,34 @@ def _blas(x, w, transpose_x=False, transpose_w=False):
         x, w, transpose_x=transpose_x, transpose_w=transpose_w)
 
 
-@jax.custom_vjp
-def gemm(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (M, K) @ w (K, N) -> (M, N) float32 through BLAS (call only where `wanted_gemm`); its gradients too."""
-    return _blas(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gemm(x, w, w_out_major: bool):
+    return _blas(x, w, transpose_w=w_out_major)
 
 
-def _gemm_fwd(x, w):
-    return _blas(x, w), (x, w)
+def _gemm_fwd(x, w, w_out_major):
+    return _blas(x, w, transpose_w=w_out_major), (x, w)
 
 
-def _gemm_bwd(saved, g):
+def _gemm_bwd(w_out_major, saved, g):
     x, w = saved
+    if w_out_major:  # w is (N, K): dx = g @ w, dw = g^T @ x
+        return _blas(g, w), _blas(g, x, transpose_x=True)
     return _blas(g, w, transpose_w=True), _blas(x, g, transpose_x=True)
 
 
-gemm.defvjp(_gemm_fwd, _gemm_bwd)
+_gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 
-@jax.custom_vjp
+def gemm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (M, K) @ w (K, N) -> (M, N) float32 through BLAS (call only where `wanted_gemm`); its gradients too."""
+    return _gemm(x, w, False)
+
+
 def gemm_wt(x: jax.Array, wt: jax.Array) -> jax.Array:
     """x (M, K) @ wt.T for wt (N, K) stored out-major -> (M, N) float32 through BLAS, which reads wt transposed in
     place (call only where `wanted_gemm`): `gemm` on the (in, out) view would have XLA copy it back every call."""
-    return _blas(x, wt, transpose_w=True)
-
-
-def _gemm_wt_fwd(x, wt):
-    return _blas(x, wt, transpose_w=True), (x, wt)
-
-
-def _gemm_wt_bwd(saved, g):
-    x, wt = saved
-    return _blas(g, wt), _blas(g, x, transpose_x=True)
-
-
-gemm_wt.defvjp(_gemm_wt_fwd, _gemm_wt_bwd)
+    return _gemm(x, wt, True)
 
 
 @jax.custom_vjp

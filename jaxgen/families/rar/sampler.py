@@ -55,7 +55,8 @@ def generate_tokens(model: RAR, params: Any, labels: jax.Array, rng: jax.Array, 
     def step(t, state, scale, modulations=None, noise=None):
         tokens, logits, caches = state
         mixed = guidance.mix_halves(logits, scale) if use_cfg else logits
-        _, token = sample_tokens(jax.random.fold_in(rng, t), mixed, temperature=temperature, noise=noise)
+        key = jax.random.fold_in(rng, t) if noise is None else None  # noise drawn ahead is this key's draw
+        _, token = sample_tokens(key, mixed, temperature=temperature, noise=noise)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=1)
         token_in = jnp.concatenate([token, token]) if use_cfg else token
         # after the last token this computes logits nobody reads (one static step body for every t)
