@@ -452,3 +452,68 @@ def test_matmul_wt_reads_out_major_kernels(m, k, n):
     gx, gwt = jax.grad(lambda x, wt: jnp.sum(cpu_kernels.matmul_wt(x, wt) * g), argnums=(0, 1))(x, wt)
     np.testing.assert_allclose(gx, g @ wt64, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(gwt, g.T @ x64, rtol=1e-4, atol=1e-3)
+
+
+def _conv3_float64(x, kernel, bias, upsample):
+    x = np.asarray(x, np.float64)
+    if upsample:
+        x = x.repeat(2, axis=1).repeat(2, axis=2)
+    b, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    k = np.asarray(kernel, np.float64)
+    out = sum(xp[:, i:i + h, j:j + w] @ k[i, j] for i in range(3) for j in range(3))
+    return out + np.asarray(bias, np.float64)
+
+
+# (batch, H, W, C, O): channel counts off the SIMD width and O off the register tiles (BLAS + scalar tails), O a
+# multiple of the tiles (32 columns with AVX-512, 16 with AVX2), non-square images, more tiles than one block holds
+@pytest.mark.parametrize("shape", [(1, 4, 8, 5, 7), (2, 12, 8, 17, 3), (2, 8, 16, 40, 64), (1, 40, 36, 16, 32)])
+@pytest.mark.parametrize("upsample", [False, True])
+def test_winograd_conv3_matches_float64_and_xlas_gradients(shape, upsample):
+    b, h, w, c, o = shape
+    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(kx, (b, h // 2 if upsample else h, w // 2 if upsample else w, c))
+    kernel = jax.random.normal(kk, (3, 3, c, o)) / np.sqrt(9 * c)
+    bias = jax.random.normal(kb, (o,))
+    y = jax.jit(cpu_kernels.winograd_conv3, static_argnums=3)(x, kernel, bias, upsample)
+    want = _conv3_float64(x, kernel, bias, upsample)
+    assert y.shape == (b, h, w, o)
+    # F(4x4, 3x3) in float32 sums more terms of larger magnitude than the direct conv: ~1e-5 of the output's scale
+    np.testing.assert_allclose(np.asarray(y), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+    g = jax.random.normal(kg, y.shape)
+    grads = jax.grad(lambda x, k, bb: jnp.sum(cpu_kernels.winograd_conv3(x, k, bb, upsample) * g), (0, 1, 2))(
+        x, kernel, bias)
+    want_grads = jax.grad(lambda x, k, bb: jnp.sum((cpu_kernels._conv3_reference(x, k, upsample) + bb) * g),
+                          (0, 1, 2))(x, kernel, bias)
+    for got, ref in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_takes_winograd_for_3x3_convs_of_large_images_only(monkeypatch):
+    from jaxgen.nn.conv import Conv
+
+    def lowered(x, **kw):
+        layer = Conv(8, **kw)
+        params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), x))
+        return layer, params, jax.jit(layer.apply).lower(params, x).as_text()
+
+    big = jnp.ones((1, 32, 32, 4))
+    small = jnp.ones((1, 8, 8, 4))
+    assert cpu_kernels.WINOGRAD_MIN_PIXELS <= 32 * 32
+    assert cpu_kernels.WINOGRAD_CONV3 in lowered(big, kernel_size=3, padding=1)[2]
+    assert cpu_kernels.WINOGRAD_CONV3 in lowered(jnp.ones((1, 16, 16, 4)), kernel_size=3, padding=1,
+                                                 upsample_nearest2=True)[2]  # a 32 x 32 conv
+    for kw in (dict(kernel_size=3, padding=1, strides=2), dict(kernel_size=1), dict(kernel_size=3, padding=0),
+               dict(kernel_size=3, padding=1, precision="highest")):
+        assert cpu_kernels.WINOGRAD_CONV3 not in lowered(big, **kw)[2], kw
+    assert cpu_kernels.WINOGRAD_CONV3 not in lowered(small, kernel_size=3, padding=1)[2]
+    # the same numbers as XLA's conv (opted out), upsampling included
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 4))
+    for kw in (dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, upsample_nearest2=True)):
+        layer, params, _ = lowered(x, **kw)
+        fast = layer.apply(params, x)
+        monkeypatch.setenv(cpu_kernels.WINOGRAD_OPT_OUT, "0")
+        assert cpu_kernels.WINOGRAD_CONV3 not in lowered(x, **kw)[2]
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(layer.apply(params, x)), rtol=1e-4, atol=1e-4)
+        monkeypatch.delenv(cpu_kernels.WINOGRAD_OPT_OUT)

@@ -71,8 +71,10 @@ MAX_ROWS = 63
 TARGETS = {"jaxgen_cpu_gemv": "JaxgenCpuGemv", "jaxgen_cpu_decode_attention": "JaxgenCpuDecodeAttention",
            "jaxgen_cpu_attention": "JaxgenCpuAttention", "jaxgen_cpu_attention_backward": "JaxgenCpuAttentionBackward",
            "jaxgen_cpu_blas_gemm": "JaxgenCpuBlasGemm", "jaxgen_cpu_top_k_values": "JaxgenCpuTopKValues",
-           "jaxgen_cpu_group_norm": "JaxgenCpuGroupNorm", "jaxgen_cpu_gemm_wt": "JaxgenCpuGemmWt"}
-GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES, GROUP_NORM, GEMM_WT = TARGETS
+           "jaxgen_cpu_group_norm": "JaxgenCpuGroupNorm", "jaxgen_cpu_gemm_wt": "JaxgenCpuGemmWt",
+           "jaxgen_cpu_winograd_conv3": "JaxgenCpuWinogradConv3"}
+(GEMV, DECODE_ATTENTION, ATTENTION, ATTENTION_BACKWARD, BLAS_GEMM, TOP_K_VALUES, GROUP_NORM, GEMM_WT,
+ WINOGRAD_CONV3) = TARGETS
 BLAS_OPT_OUT = "JAXGEN_CPU_BLAS"
 BLAS_MIN_ROWS = MAX_ROWS + 1  # below, `matmul` streams the kernel once and leads
 # Between these rows XLA:CPU's own dot beats the split sgemm on transformer-sized weights (at least XLA_DOT_MIN_SIZE
@@ -85,6 +87,8 @@ XLA_DOT_MIN_SIZE = 1 << 19
 # CBLAS sgemm with 64-bit integers, and OpenBLAS's per-thread thread count, as numpy's bundled OpenBLAS exports them
 BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_threads_local",))
 OPT_OUT = "JAXGEN_CPU_KERNELS"
+WINOGRAD_OPT_OUT = "JAXGEN_CPU_WINOGRAD"
+WINOGRAD_MIN_PIXELS = 32 * 32
 # extra compiler flags after -march=native, e.g. "-mno-avx512f": a build for a narrower instruction set than this
 # CPU's (a cache shared across machines; the tests build the other SIMD widths this way)
 EXTRA_FLAGS = "JAXGEN_CPU_KERNELS_FLAGS"
@@ -239,6 +243,16 @@ def wanted_attention(q_dtype, k_dtype, v_dtype) -> bool:
 def wanted_group_norm(dtype) -> bool:
     """Whether `group_norm` should replace XLA's GroupNorm (+ SiLU) at inference (decided at trace time)."""
     return _cpu_f32(dtype) and available()
+
+
+def wanted_winograd(x_shape, kernel_shape, dtype, upsample: bool = False) -> bool:
+    """Whether a 3x3, stride-1, padding-1 conv of x (B, H, W, C) (upsampled x2 first when `upsample`) should run as
+    `winograd_conv3` (decided at trace time): the conv's H and W divisible by 4 with at least WINOGRAD_MIN_PIXELS,
+    float32, BLAS available, not opted out (JAXGEN_CPU_WINOGRAD=0)."""
+    h, w = (x_shape[1] * 2, x_shape[2] * 2) if upsample else tuple(x_shape[1:3])
+    return (tuple(kernel_shape[:2]) == (3, 3) and h % 4 == 0 and w % 4 == 0 and h * w >= WINOGRAD_MIN_PIXELS
+            and os.environ.get(WINOGRAD_OPT_OUT, "") != "0" and _cpu_f32(dtype) and available()
+            and _state.get("blas", False))
 
 
 def wanted_top_k(dtype) -> bool:
@@ -415,3 +429,57 @@ def _bwd(saved, g):
 
 matmul.defvjp(_fwd, _bwd)
 
+
+
+def _winograd_filter_rows(k0, k1, k2):
+    """G (k0, k1, k2) along one axis: Winograd F(4, 3)'s filter transform (Lavin & Gray 2016), G's 6 rows being
+    (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6, (1/24, 1/12, 1/6), (1/24, -1/12, 1/6), (0, 0, 1)."""
+    return [k0 / 4, -(k0 + k1 + k2) / 6, -(k0 - k1 + k2) / 6, k0 / 24 + k1 / 12 + k2 / 6, k0 / 24 - k1 / 12 + k2 / 6,
+            k2]
+
+
+def winograd_filters(kernel: jax.Array) -> jax.Array:
+    """(3, 3, C, O) -> U = G k G^T as (36, C, O) float32, row-major over the 6 x 6 positions. Element-wise
+    (an einsum with G took 10x as long: 15 against 1.6 ms at 320 x 320 channels)."""
+    k = kernel.astype(jnp.float32)
+    rows = _winograd_filter_rows(k[0], k[1], k[2])  # each (3, C, O): kernel columns
+    u = [col for row in rows for col in _winograd_filter_rows(row[0], row[1], row[2])]
+    return jnp.stack(u)
+
+
+def _conv3_reference(x, kernel, upsample):
+    if upsample:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _winograd_conv3(x, kernel, bias, upsample):
+    scale = 2 if upsample else 1
+    out = jax.ShapeDtypeStruct((x.shape[0], x.shape[1] * scale, x.shape[2] * scale, kernel.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(WINOGRAD_CONV3, out, vmap_method="sequential")(x, winograd_filters(kernel), bias,
+                                                                           upsample=bool(upsample))
+
+
+def _winograd_fwd(x, kernel, bias, upsample):
+    return _winograd_conv3(x, kernel, bias, upsample), (x, kernel)
+
+
+def _winograd_bwd(upsample, saved, g):
+    x, kernel = saved
+    _, vjp = jax.vjp(lambda x, k: _conv3_reference(x, k, upsample), x, kernel)
+    dx, dkernel = vjp(g)
+    return dx, dkernel, g.sum(axis=(0, 1, 2))
+
+
+_winograd_conv3.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def winograd_conv3(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
+                   upsample: bool = False) -> jax.Array:
+    """conv3x3(x, kernel, stride 1, zero padding 1) + bias for x (B, H, W, C) NHWC, kernel (3, 3, C, O), float32, by
+    Winograd's F(4x4, 3x3) in one kernel (call only where `wanted_winograd`); with `upsample`, of x upsampled x2
+    (nearest) first, read in place. Gradients: XLA's conv."""
+    _require()
+    bias = jnp.zeros(kernel.shape[-1:], jnp.float32) if bias is None else bias.astype(jnp.float32)
+    return _winograd_conv3(x.astype(jnp.float32), kernel.astype(jnp.float32), bias, bool(upsample))
