@@ -4,9 +4,11 @@ left out, so achieved GFLOP/s are slight underestimates.
 
 Samplers built on a lax loop (MAR, RAR) are counted here, since XLA counts a loop body once; VAR's (unrolled over
 its scales) too, since XLA's count leaves out jaxgen's CPU kernels (custom calls); its VQVAE decode is XLA's count
-of the decoder alone (plain convolutions). Train steps too (`train_flops`: model FLOPs, the MFU convention; on a GPU XLA's count misses cuDNN attention).
+of the decoder alone, lowered with plain convolutions (the official's work; jaxgen's Winograd kernel does fewer). Train steps too (`train_flops`: model FLOPs, the MFU convention; on a GPU XLA's count misses cuDNN attention).
 """
 from __future__ import annotations
+
+import os
 
 
 def transformer(tokens: int, pairs: int, dim: int, mlp_dim: int, depth: int, extra_per_token: int = 0) -> float:
@@ -60,6 +62,7 @@ def var_sample(family, batch: int) -> float:
     import jax.numpy as jnp
 
     from jaxgen.families.var.model import block_causal_mask
+    from jaxgen.kernels import cpu as cpu_kernels
     from jaxgen.train import restore
 
     m = family.model
@@ -70,7 +73,16 @@ def var_sample(family, batch: int) -> float:
     side = m.patch_nums[-1]
     features = jax.ShapeDtypeStruct((batch, side, side, m.cvae), jnp.float32)
     tok = family.tokenizer
-    cost = jax.jit(lambda p, f: tok.decode(p, {"features": f})).lower(restore.abstract_params(tok), features)
+    # XLA counts no custom call: the decoder lowered with plain convolutions (Winograd's kernel opted out)
+    saved = os.environ.get(cpu_kernels.WINOGRAD_OPT_OUT)
+    os.environ[cpu_kernels.WINOGRAD_OPT_OUT] = "0"
+    try:
+        cost = jax.jit(lambda p, f: tok.decode(p, {"features": f})).lower(restore.abstract_params(tok), features)
+    finally:
+        if saved is None:
+            del os.environ[cpu_kernels.WINOGRAD_OPT_OUT]
+        else:
+            os.environ[cpu_kernels.WINOGRAD_OPT_OUT] = saved
     cost = cost.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return 2 * batch * body + float(cost["flops"])

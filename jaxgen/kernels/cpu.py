@@ -38,6 +38,13 @@ kernel rows once (twelve 1024 x 1024 kernels at 16 rows: 3.8 -> 2.5 ms against X
 
 `group_norm` -- GroupNorm (+ SiLU) at inference in two reads of x and one write (XLA: three reads at ~10 GB/s).
 
+`winograd_conv3` -- the image autoencoders' 3x3 convolutions (stride 1, padding 1) at 32 x 32 pixels and up: XLA:CPU
+runs them at ~300 GFLOP/s of direct-conv work, Winograd's F(4x4, 3x3) needs 36 instead of 144 multiplications per 4 x 4
+outputs; one kernel transforms a block of tiles, multiplies with the register tiles and transforms back in cache (2 x
+256 x 256 x 160 -> 160: ~200 -> ~80 ms; VAR-d16's VQVAE decode 2.6 -> 1.5 s). `Conv` calls it where
+`wanted_winograd`; JAXGEN_CPU_WINOGRAD=0 keeps XLA's conv. With `upsample` it reads the nearest x2 upsampling of x in
+place (the decoders' Upsample blocks). Values ~1e-5 of the output's scale from the direct conv's; gradients are XLA's.
+
 `gemm` -- XLA:CPU's dots reach 285-320 GFLOP/s on the transformer-sized products of this VM where OpenBLAS (the
 copy numpy's wheel bundles, 64-bit integers) reaches 320-345: `Dense` calls `gemm` from BLAS_MIN_ROWS rows (except
 XLA_DOT_ROWS on large weights, where XLA's dot is the faster), each
