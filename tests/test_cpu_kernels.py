@@ -498,18 +498,21 @@ def test_conv_takes_winograd_for_3x3_convs_of_large_images_only(monkeypatch):
         params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), x))
         return layer, params, jax.jit(layer.apply).lower(params, x).as_text()
 
-    big = jnp.ones((1, 32, 32, 4))
-    small = jnp.ones((1, 8, 8, 4))
+    big = jnp.ones((1, 32, 32, 32))
+    small = jnp.ones((1, 8, 8, 32))
+    thin = jnp.ones((1, 32, 32, 8))
     assert cpu_kernels.WINOGRAD_MIN_PIXELS <= 32 * 32
     assert cpu_kernels.WINOGRAD_CONV3 in lowered(big, kernel_size=3, padding=1)[2]
-    assert cpu_kernels.WINOGRAD_CONV3 in lowered(jnp.ones((1, 16, 16, 4)), kernel_size=3, padding=1,
+    assert cpu_kernels.WINOGRAD_CONV3 in lowered(jnp.ones((1, 16, 16, 32)), kernel_size=3, padding=1,
                                                  upsample_nearest2=True)[2]  # a 32 x 32 conv
+    assert cpu_kernels.WINOGRAD_MIN_IN_CHANNELS > 8
+    assert cpu_kernels.WINOGRAD_CONV3 not in lowered(thin, kernel_size=3, padding=1)[2]
     for kw in (dict(kernel_size=3, padding=1, strides=2), dict(kernel_size=1), dict(kernel_size=3, padding=0),
                dict(kernel_size=3, padding=1, precision="highest")):
         assert cpu_kernels.WINOGRAD_CONV3 not in lowered(big, **kw)[2], kw
     assert cpu_kernels.WINOGRAD_CONV3 not in lowered(small, kernel_size=3, padding=1)[2]
     # the same numbers as XLA's conv (opted out), upsampling included
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 4))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 32))
     for kw in (dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, upsample_nearest2=True)):
         layer, params, _ = lowered(x, **kw)
         fast = layer.apply(params, x)

@@ -96,6 +96,9 @@ BLAS_SYMBOLS = (("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ("openblas_set_num_t
 OPT_OUT = "JAXGEN_CPU_KERNELS"
 WINOGRAD_OPT_OUT = "JAXGEN_CPU_WINOGRAD"
 WINOGRAD_MIN_PIXELS = 32 * 32
+# below, the transforms run off the SIMD width and the products are too thin: the tiny MaskGIT-VQGAN's 8-channel convs
+# at 32 x 32 trained ~7 % slower (2-core Intel VM, 2026-12-08)
+WINOGRAD_MIN_IN_CHANNELS = 32
 # extra compiler flags after -march=native, e.g. "-mno-avx512f": a build for a narrower instruction set than this
 # CPU's (a cache shared across machines; the tests build the other SIMD widths this way)
 EXTRA_FLAGS = "JAXGEN_CPU_KERNELS_FLAGS"
@@ -255,9 +258,10 @@ def wanted_group_norm(dtype) -> bool:
 def wanted_winograd(x_shape, kernel_shape, dtype, upsample: bool = False) -> bool:
     """Whether a 3x3, stride-1, padding-1 conv of x (B, H, W, C) (upsampled x2 first when `upsample`) should run as
     `winograd_conv3` (decided at trace time): the conv's H and W divisible by 4 with at least WINOGRAD_MIN_PIXELS,
-    float32, BLAS available, not opted out (JAXGEN_CPU_WINOGRAD=0)."""
+    at least WINOGRAD_MIN_IN_CHANNELS input channels, float32, BLAS available, not opted out (JAXGEN_CPU_WINOGRAD=0)."""
     h, w = (x_shape[1] * 2, x_shape[2] * 2) if upsample else tuple(x_shape[1:3])
     return (tuple(kernel_shape[:2]) == (3, 3) and h % 4 == 0 and w % 4 == 0 and h * w >= WINOGRAD_MIN_PIXELS
+            and kernel_shape[2] >= WINOGRAD_MIN_IN_CHANNELS
             and os.environ.get(WINOGRAD_OPT_OUT, "") != "0" and _cpu_f32(dtype) and available()
             and _state.get("blas", False))
 
