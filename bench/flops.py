@@ -9,6 +9,7 @@ of the decoder alone, lowered with plain convolutions (the official's work; jaxg
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 
 def transformer(tokens: int, pairs: int, dim: int, mlp_dim: int, depth: int, extra_per_token: int = 0) -> float:
@@ -74,15 +75,8 @@ def var_sample(family, batch: int) -> float:
     features = jax.ShapeDtypeStruct((batch, side, side, m.cvae), jnp.float32)
     tok = family.tokenizer
     # XLA counts no custom call: the decoder lowered with plain convolutions (Winograd's kernel opted out)
-    saved = os.environ.get(cpu_kernels.WINOGRAD_OPT_OUT)
-    os.environ[cpu_kernels.WINOGRAD_OPT_OUT] = "0"
-    try:
+    with mock.patch.dict(os.environ, {cpu_kernels.WINOGRAD_OPT_OUT: "0"}):
         cost = jax.jit(lambda p, f: tok.decode(p, {"features": f})).lower(restore.abstract_params(tok), features)
-    finally:
-        if saved is None:
-            del os.environ[cpu_kernels.WINOGRAD_OPT_OUT]
-        else:
-            os.environ[cpu_kernels.WINOGRAD_OPT_OUT] = saved
     cost = cost.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return 2 * batch * body + float(cost["flops"])

@@ -1081,9 +1081,9 @@ ffi::Error BlasGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 // transformed inputs and products (~3 MB) stay in the thread's cache: input transform -> 36 products -> output
 // transform, one block after another, each thread claiming blocks. In float32 the result differs from a direct
 // conv by ~1e-5 of its scale (larger terms are summed), within every parity tolerance.
-constexpr float kWinoBT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-                                 {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-
+// B^T's rows: (4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+// (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1); A^T's: (1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+// (0, 1, -1, 8, -8, 1).
 template <typename V>
 inline void WinoInputRows(const V (&d)[6], V (&r)[6]) {  // r = B^T d along one axis
   r[0] = 4.f * d[0] - 5.f * d[2] + d[4];

@@ -441,7 +441,6 @@ def _bwd(saved, g):
 matmul.defvjp(_fwd, _bwd)
 
 
-
 def _winograd_filter_rows(k0, k1, k2):
     """G (k0, k1, k2) along one axis: Winograd F(4, 3)'s filter transform (Lavin & Gray 2016), G's 6 rows being
     (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6, (1/24, 1/12, 1/6), (1/24, -1/12, 1/6), (0, 0, 1)."""

@@ -106,7 +106,7 @@ class Conv(nn.Module):
             raise ValueError("upsample_nearest2 needs a 3x3 conv with stride 1 and padding 1")
         if (same3 and self.precision is None and jnp.dtype(self.dtype) == jnp.float32
                 and cpu_kernels.wanted_winograd(x.shape, kernel.shape, x.dtype, self.upsample_nearest2)):
-            # XLA:CPU's conv at 2 x 256 x 256 x 160 -> 160: ~200 ms; Winograd F(4x4, 3x3): ~90 ms, within 1e-5
+            # XLA:CPU's conv at 2 x 256 x 256 x 160 -> 160: ~200 ms; Winograd F(4x4, 3x3): ~80 ms, within 1e-5
             return cpu_kernels.winograd_conv3(x, kernel, bias, self.upsample_nearest2).astype(self.dtype)
         if self.upsample_nearest2:
             y = nearest_up2_conv3(x, kernel, self.dtype)
@@ -248,7 +248,8 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 (torch interpolate mode='nearest', scale 2) then, with_conv, a 3x3 conv (`conv`, pad 1),
-    the two in the sub-pixel form of `nearest_up2_conv3`."""
+    the two in the sub-pixel form of `nearest_up2_conv3` (or, where `Conv` takes Winograd's kernel, with the
+    upsampling read in place)."""
 
     with_conv: bool = True
     dtype: Dtype = jnp.float32
